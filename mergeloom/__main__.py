@@ -1,0 +1,5 @@
+import sys
+
+from mergeloom.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""``mergeloom`` command line: merge or weave any safetensors state dicts (not only CLIP).
+
+    mergeloom methods
+    mergeloom merge ties --pretrained P.safetensors --experts A.safetensors B.safetensors \\
+        --out M.safetensors [--lam 1.0] [--set k=0.2 ...]
+    mergeloom weave ties --pretrained P.safetensors --experts A.safetensors B.safetensors \\
+        --lambdas 0.05:1.0:0.05 --pool mean --out W.safetensors [--no-collaborative] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from mergeloom import methods, vectors
+from mergeloom.weave import POOLS, effective_lam, weave
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """'start:stop:step' (stop included) or a comma list, e.g. '0.05:1.0:0.05' -> 20 values."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(part) for part in text.split(":"))
+            if step <= 0 or start > stop:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+            return [v for v in values if v <= stop + 1e-9]
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ValueError(
+            f"--lambdas {text!r}: expected start:stop:step with step > 0 and start <= stop "
+            "(e.g. 0.05:1.0:0.05) or a comma list (e.g. 0.1,0.3,0.5)"
+        )
+    return values
+
+
+def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, object]:
+    """name=value pairs; values are read as YAML scalars (0.2, true, ties, [1, 2])."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{option} {pair!r}: expected name=value")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def check_hyperparameters(name: str, given: Sequence[str]) -> None:
+    allowed = list(inspect.signature(methods.get(name)).parameters)[1:]
+    unknown = [g for g in given if g not in allowed]
+    if unknown:
+        raise ValueError(f"{name} has no hyperparameter {unknown}; it takes: {', '.join(allowed)}")
+
+
+def _describe(name: str) -> str:
+    fn = methods.METHODS[name]
+    doc = inspect.getdoc(fn) or ""
+    scope = next((line.strip() for line in doc.splitlines() if "Scope:" in line), "")
+    params = ", ".join(
+        f"{p.name}={p.default!r}" for p in list(inspect.signature(fn).parameters.values())[1:]
+    )
+    return f"{name:18s} {params}\n{'':18s} {doc.splitlines()[0]}\n{'':18s} {scope}"
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("method", help="merge method name (see `mergeloom methods`)")
+    sub.add_argument("--pretrained", required=True, help="pretrained weights (.safetensors)")
+    sub.add_argument("--experts", required=True, nargs="+", help="fine-tuned weights")
+    sub.add_argument("--out", required=True, help="output .safetensors (full merged weights)")
+    sub.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="method hyperparameter, repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeloom", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("methods", help="list methods, hyperparameters and defaults")
+    merge = commands.add_parser("merge", help="merge experts with one method")
+    _common(merge)
+    merge.add_argument("--lam", type=float, help="scaling factor (default: the method's)")
+    woven = commands.add_parser("weave", help="Weight Weaving over a lambda search space")
+    _common(woven)
+    woven.add_argument("--lambdas", default="0.05:1.0:0.05", help="start:stop:step or a,b,c")
+    woven.add_argument("--pool", default="mean", help=f"{', '.join(POOLS)} or a method name")
+    woven.add_argument("--pool-set", action="append", default=[], metavar="NAME=VALUE",
+                       help="hyperparameter of a method used as the pool")
+    woven.add_argument("--no-collaborative", dest="collaborative", action="store_false",
+                       help="pool only the merged candidates, not the raw task vectors")
+    woven.add_argument("--seed", type=int, default=0, help="seed of the random pool")
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.command == "methods":
+        return "\n".join(_describe(name) for name in methods.METHODS)
+    hyperparameters = parse_assignments(args.set, "--set")
+    check_hyperparameters(args.method, list(hyperparameters))
+    task_vectors = vectors.load_task_vectors(args.pretrained, args.experts)
+    record: dict[str, object] = {"method": args.method, "hyperparameters": hyperparameters,
+                                 "experts": [str(p) for p in args.experts]}
+    if args.command == "merge":
+        if args.lam is not None:
+            hyperparameters["lam"] = args.lam
+        delta = methods.get(args.method)(task_vectors, **hyperparameters)
+    else:
+        lambdas = parse_lambdas(args.lambdas)
+        pool_hp = parse_assignments(args.pool_set, "--pool-set")
+        delta = weave(args.method, task_vectors, {"lam": lambdas}, args.pool,
+                      collaborative=args.collaborative, seed=args.seed,
+                      pool_hyperparameters=pool_hp, **hyperparameters)
+        record.update(lambdas=lambdas, pool=args.pool, pool_hyperparameters=pool_hp,
+                      collaborative=args.collaborative, seed=args.seed,
+                      effective_lam_mean_pool=effective_lam(len(task_vectors), lambdas,
+                                                            args.collaborative))
+    pretrained = task_vectors[0].pretrained
+    merged = vectors.apply(pretrained, delta, inplace=True)
+    vectors.save(merged, args.out, metadata=vectors.metadata_json(record))
+    return f"wrote {args.out} ({len(merged)} tensors)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+    except ValueError as err:
+        print(f"mergeloom: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Data-free merge methods: pure functions from task vectors to one merged task vector.
+
+Contract (style.md 4.3): ``method(task_vectors, *, lam, **hyperparameters) -> StateDict``.
+Inputs are mappings key -> tensor (in memory or lazy on disk), same keys and shapes, never
+modified; the output has the same keys and shapes in float32. Each method touches one key of
+every task vector at a time; global statistics (TIES top-k, PCB quantiles) are computed first
+by streaming passes (``mergeloom.stats``), so T ViT-sized experts never sit in memory together.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeloom.stats import quantiles, topk_threshold
+from mergeloom.vectors import StateDict, TensorMap, check_compatible, shape_of
+
+log = logging.getLogger(__name__)
+
+Method = Callable[..., StateDict]
+
+
+# ---------------------------------------------------------------- shared steps
+
+
+def _prepare(task_vectors: Sequence[TensorMap], name: str) -> list[str]:
+    if len(task_vectors) == 0:
+        raise ValueError(f"{name}: expected at least one task vector, got none")
+    check_compatible(task_vectors, names=[f"task vector {i}" for i in range(len(task_vectors))])
+    return list(task_vectors[0])
+
+
+def _progress(keys: Sequence[str], desc: str) -> Iterator[str]:
+    return iter(tqdm(keys, desc=desc, unit="tensor", leave=False, disable=None))
+
+
+def _stack(task_vectors: Sequence[TensorMap], key: str) -> torch.Tensor:
+    return torch.stack([tv[key].float() for tv in task_vectors])  # (T, *shape)
+
+
+def _check_range(name: str, param: str, value: float, low: float, high: float, *, closed_low: bool,
+                 closed_high: bool = True) -> None:
+    ok_low = value >= low if closed_low else value > low
+    ok_high = value <= high if closed_high else value < high
+    if not (isinstance(value, (int, float)) and ok_low and ok_high and math.isfinite(value)):
+        interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+        raise ValueError(f"{name}: {param} must be in {interval}, got {value!r}")
+
+
+def _check_choice(name: str, param: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {param} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_lam(name: str, lam: float) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"{name}: lam must be a finite number, got {lam!r}")
+
+
+def key_seed(seed: int, *parts: object) -> int:
+    """Seed for one (seed, ..., key) so random draws ignore key order and process (not hash())."""
+    return zlib.crc32("/".join(str(p) for p in (seed, *parts)).encode())
+
+
+def _generator(seed: int, *parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(key_seed(seed, *parts))
+
+
+def _numel(task_vector: TensorMap, keys: Sequence[str]) -> int:
+    return sum(math.prod(shape_of(task_vector, k)) for k in keys)
+
+
+def _groups(keys: Sequence[str], scope: str) -> list[list[str]]:
+    """Key groups over which global statistics are taken."""
+    return [list(keys)] if scope == "global" else [[k] for k in keys]
+
+
+def _is_matrix(key: str, shape: Sequence[int]) -> bool:
+    """2-D parameters get SVD treatment in TSV/Iso; text_projection is excluded as in their code."""
+    return len(shape) == 2 and "text_projection" not in key
+
+
+def _polar(matrix: torch.Tensor) -> torch.Tensor:
+    """Closest matrix with orthonormal columns (or rows): P Q^T of the SVD P S Q^T."""
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def _mean_or_matrix(task_vectors: Sequence[TensorMap], lam: float, name: str,
+                    matrix_merge: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    """SVD-family layout: ``matrix_merge`` on 2-D keys, the mean of the task vectors elsewhere."""
+    merged = {}
+    for key in _progress(_prepare(task_vectors, name), name):
+        stack = _stack(task_vectors, key)  # (T, *shape)
+        delta = matrix_merge(key, stack) if _is_matrix(key, stack.shape[1:]) else stack.mean(0)
+        merged[key] = delta * lam
+    return merged
+
+
+# ---------------------------------------------------------------- averaging family
+
+
+def weight_averaging(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> StateDict:
+    """Uniform weight averaging (model soup): theta_0 + lam * mean(tau).
+
+    Paper: Wortsman et al., 2022, "Model soups", arXiv:2203.05482. Scope: per-tensor
+    (element-wise). lam = 1 is plain averaging (= Task Arithmetic at lam = 1/T).
+    """
+    _check_lam("weight_averaging", lam)
+    keys = _prepare(task_vectors, "weight_averaging")
+    return {k: _stack(task_vectors, k).mean(0) * lam for k in _progress(keys, "weight_averaging")}
+
+
+def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> StateDict:
+    """Task Arithmetic: lam * sum(tau).
+
+    Paper: Ilharco et al., 2023, "Editing models with task arithmetic", arXiv:2212.04089.
+    Scope: per-tensor (element-wise). Default lam 0.3 as FusionBench's data-free default.
+    """
+    _check_lam("task_arithmetic", lam)
+    keys = _prepare(task_vectors, "task_arithmetic")
+    return {k: _stack(task_vectors, k).sum(0) * lam for k in _progress(keys, "task_arithmetic")}
+
+
+# ---------------------------------------------------------------- sign / sparsity family
+
+
+def _disjoint_merge(trimmed: torch.Tensor, majority: torch.Tensor, merge: str) -> torch.Tensor:
+    """TIES steps 2-3 on a (T, *shape) stack: elect sign by mass, merge the agreeing entries."""
+    elected = torch.sign(trimmed.sum(0))
+    elected = torch.where(elected == 0, majority, elected)  # zero-sum coordinates: majority sign
+    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    selected = trimmed * agrees
+    if merge == "sum":
+        return selected.sum(0)
+    if merge == "max":
+        return elected * selected.abs().amax(0)
+    return selected.sum(0) / agrees.sum(0).clamp(min=1)
+
+
+def _trim(stack: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    view = thresholds.view(-1, *([1] * (stack.dim() - 1)))
+    return stack * (stack.abs() >= view)
+
+
+def ties(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, k: float = 0.2,
+         merge: str = "mean", scope: str = "global") -> StateDict:
+    """TIES-Merging: trim to top-k magnitudes, elect signs by mass, disjoint merge.
+
+    Paper: Yadav et al., 2023, arXiv:2306.01708. Scope: global (top-k and the majority sign
+    used for zero-sum coordinates are taken over the whole flattened vector, as in the
+    reference code) or per-tensor on request.
+
+    Args:
+        k: Fraction of entries kept per task vector, in (0, 1].
+        merge: "mean" (dis-mean, the paper), "sum" (dis-sum) or "max" (dis-max).
+        scope: "global" or "per_tensor".
+    """
+    _check_lam("ties", lam)
+    _check_range("ties", "k", k, 0.0, 1.0, closed_low=False)
+    _check_choice("ties", "merge", merge, ("mean", "sum", "max"))
+    _check_choice("ties", "scope", scope, ("global", "per_tensor"))
+    keys = _prepare(task_vectors, "ties")
+    merged = {}
+    for group in _groups(keys, scope):
+        d = _numel(task_vectors[0], group)
+        thresholds = torch.tensor(
+            [topk_threshold(lambda tv=tv: (tv[key] for key in group), k, count=d)
+             for tv in task_vectors]
+        )
+        mass = sum(torch.sign(_trim(_stack(task_vectors, key), thresholds).sum(0)).sum()
+                   for key in group)
+        majority = torch.sign(torch.as_tensor(mass, dtype=torch.float32))
+        for key in _progress(group, "ties") if scope == "global" else group:
+            trimmed = _trim(_stack(task_vectors, key), thresholds)
+            merged[key] = _disjoint_merge(trimmed, majority, merge) * lam
+    return merged
+
+
+class _Dropped(Mapping[str, torch.Tensor]):
+    """DARE view of one task vector: a seeded Bernoulli mask per key, rescaled by 1/(1-p)."""
+
+    def __init__(self, tv: TensorMap, p: float, seed: int, task: int, rescale: bool):
+        self.tv, self.p, self.seed, self.task, self.rescale = tv, p, seed, task, rescale
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.tv[key]
+        keep = torch.rand(value.shape, generator=_generator(self.seed, self.task, key)) >= self.p
+        value = value * keep
+        return value / (1.0 - self.p) if self.rescale else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tv)
+
+    def __len__(self) -> int:
+        return len(self.tv)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return shape_of(self.tv, key)
+
+
+def dare(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, p: float = 0.5,
+         base: str = "task_arithmetic", k: float = 0.2, seed: int = 0,
+         rescale: bool = True) -> StateDict:
+    """DARE: drop each entry with probability p, rescale by 1/(1-p), then merge with `base`.
+
+    Paper: Yu et al., 2024, "Language Models are Super Mario", arXiv:2311.03099.
+    Scope: element-wise masks (per-tensor); the TIES base keeps its global top-k.
+    Masks are seeded per (seed, task, key), so results ignore key order.
+
+    Args:
+        p: Drop rate in [0, 1).
+        base: "task_arithmetic" (DARE-TA) or "ties" (DARE-TIES).
+        k: TIES keep fraction when base is "ties".
+        seed: Mask seed.
+        rescale: Divide kept entries by 1 - p.
+    """
+    _check_range("dare", "p", p, 0.0, 1.0, closed_low=True, closed_high=False)
+    _check_choice("dare", "base", base, ("task_arithmetic", "ties"))
+    _prepare(task_vectors, "dare")
+    dropped = [_Dropped(tv, p, seed, t, rescale) for t, tv in enumerate(task_vectors)]
+    if base == "ties":
+        return ties(dropped, lam=lam, k=k)
+    return task_arithmetic(dropped, lam=lam)
+
+
+def _band_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep the middle band of |values| ranks: drop the top gamma and the bottom rest."""
+    n = values.numel()
+    if gamma >= 1.0 - density:
+        n_top, n_bottom = round((1.0 - density) * n), 0
+    else:
+        n_top, n_bottom = round(gamma * n), round((1.0 - density - gamma) * n)
+    order = values.abs().flatten().argsort(stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(n)
+    return ((ranks >= n_bottom) & (ranks < n - n_top)).view(values.shape)
+
+
+def breadcrumbs(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, density: float = 0.9,
+                gamma: float = 0.01) -> StateDict:
+    """Model Breadcrumbs: drop each tensor's largest outliers and smallest entries, then sum.
+
+    Paper: Davari & Belilovsky, 2024, arXiv:2312.06795. Scope: per-tensor ranks
+    (mergekit semantics: keep ``density`` of the entries after removing the top ``gamma``).
+
+    Args:
+        density: Fraction of entries kept per tensor, in (0, 1].
+        gamma: Fraction of largest magnitudes removed, in [0, 1).
+    """
+    _check_lam("breadcrumbs", lam)
+    _check_range("breadcrumbs", "density", density, 0.0, 1.0, closed_low=False)
+    _check_range("breadcrumbs", "gamma", gamma, 0.0, 1.0, closed_low=True, closed_high=False)
+    merged = {}
+    for key in _progress(_prepare(task_vectors, "breadcrumbs"), "breadcrumbs"):
+        stack = _stack(task_vectors, key)
+        masks = torch.stack([_band_mask(tv, density, gamma) for tv in stack])
+        merged[key] = (stack * masks).sum(0) * lam
+    return merged
+
+
+def magmax(task_vectors: Sequence[TensorMap], *, lam: float = 0.5) -> StateDict:
+    """MagMax: per element, the entry of largest magnitude (later task wins ties).
+
+    Paper: Marczak et al., 2024, arXiv:2407.06322. Scope: element-wise.
+    """
+    _check_lam("magmax", lam)
+    merged = {}
+    for key in _progress(_prepare(task_vectors, "magmax"), "magmax"):
+        stack = _stack(task_vectors, key)
+        # argmax returns the first maximum; flipping makes the later task win ties (">=")
+        winner = stack.shape[0] - 1 - stack.abs().flip(0).argmax(dim=0, keepdim=True)
+        merged[key] = stack.gather(0, winner)[0] * lam
+    return merged
+
+
+def random_mix(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, seed: int = 0) -> StateDict:
+    """Random mixing: per element, the entry of a uniformly drawn task.
+
+    Paper: Marczak et al., 2024 (MagMax baseline), arXiv:2407.06322. Scope: element-wise;
+    seeded per (seed, key), so results ignore key order and device.
+
+    Args:
+        seed: Selection seed.
+    """
+    _check_lam("random_mix", lam)
+    merged = {}
+    for key in _progress(_prepare(task_vectors, "random_mix"), "random_mix"):
+        stack = _stack(task_vectors, key)
+        choice = torch.randint(stack.shape[0], stack.shape[1:], generator=_generator(seed, key))
+        merged[key] = stack.gather(0, choice[None])[0] * lam
+    return merged
+
+
+def consensus(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, tall_lambda: float = 0.4,
+              k: int = 2) -> StateDict:
+    """Consensus Task Arithmetic: keep entries that the TALL masks of >= k tasks use.
+
+    Paper: Wang et al., 2024, "Localizing Task Information for Improved Model Merging and
+    Compression", arXiv:2405.07813. Scope: element-wise. Data-free variant: one fixed
+    tall_lambda for all tasks instead of per-task validation.
+
+    Args:
+        tall_lambda: TALL mask threshold, >= 0.
+        k: Minimum number of tasks using an entry (0 gives Task Arithmetic).
+    """
+    _check_lam("consensus", lam)
+    _check_range("consensus", "tall_lambda", tall_lambda, 0.0, math.inf, closed_low=True)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"consensus: k must be an integer >= 0, got {k!r}")
+    merged = {}
+    for key in _progress(_prepare(task_vectors, "consensus"), "consensus"):
+        stack = _stack(task_vectors, key)
+        total = stack.sum(0)
+        used = stack.abs() > tall_lambda * (total - stack).abs()  # TALL mask per task
+        merged[key] = total * (used.sum(0) >= k) * lam
+    return merged
+
+
+def pcb(task_vectors: Sequence[TensorMap], *, lam: float = 1.2, ratio: float = 0.05,
+        clip: float = 0.01, scope: str = "global") -> StateDict:
+    """PCB-Merging: intra- and inter-task balancing weights, keep the top ratio, weighted mean.
+
+    Paper: Du et al., 2024, "Parameter Competition Balancing for Model Merging",
+    arXiv:2410.02396. Scope: global (quantiles and min-max over each whole flattened task
+    vector, as the vision code) or per-tensor. Inter term: sum_j tanh(s_i * s_j) (ES script).
+
+    Args:
+        ratio: Fraction of entries kept per task, in (0, 1].
+        clip: Magnitudes are clipped to their [clip, 1 - clip] quantiles, clip in [0, 0.5).
+        scope: "global" or "per_tensor".
+    """
+    _check_lam("pcb", lam)
+    _check_range("pcb", "ratio", ratio, 0.0, 1.0, closed_low=False)
+    _check_range("pcb", "clip", clip, 0.0, 0.5, closed_low=True, closed_high=False)
+    _check_choice("pcb", "scope", scope, ("global", "per_tensor"))
+    keys = _prepare(task_vectors, "pcb")
+    n_tasks = len(task_vectors)
+    merged = {}
+    for group in _groups(keys, scope):
+        d = _numel(task_vectors[0], group)
+        bounds = torch.cat([
+            quantiles(lambda tv=tv: (tv[key].abs() for key in group), [clip, 1 - clip], count=d)
+            for tv in task_vectors
+        ])  # (T, 2)
+        low, high = bounds[:, 0], bounds[:, 1]
+
+        def balance(stack: torch.Tensor, low=low, high=high) -> tuple[torch.Tensor, torch.Tensor]:
+            flat = stack.reshape(n_tasks, -1)  # (T, numel)
+            clipped = flat.abs().clamp(low[:, None], high[:, None])
+            norm = (clipped - low[:, None]) / (high - low).clamp(min=1e-12)[:, None]
+            signed = torch.sign(flat) * norm
+            inter = sum(torch.tanh(signed * signed[j]) for j in range(n_tasks))
+            beta = torch.exp(n_tasks * norm**2) * inter
+            return beta, torch.sign(flat) * clipped
+
+        def betas(group=group) -> Iterator[torch.Tensor]:
+            return (balance(_stack(task_vectors, key))[0] for key in group)
+
+        cut = quantiles(betas, [1 - ratio, 1.0], rows=n_tasks, count=d)  # (T, 2)
+        floor, top = cut[:, :1], cut[:, 1:]
+        for key in _progress(group, "pcb") if scope == "global" else group:
+            stack = _stack(task_vectors, key)
+            beta, clipped = balance(stack)
+            weights = (beta.maximum(floor) - floor) / (top - floor).clamp(min=1e-12)
+            merged_flat = (clipped * weights).sum(0) / weights.sum(0).clamp(min=1e-12)
+            merged[key] = merged_flat.view(stack.shape[1:]) * lam
+    return merged
+
+
+# ---------------------------------------------------------------- spectral family
+
+
+def tsv_m(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> StateDict:
+    """TSV-Merge: keep each task's top 1/T singular directions, orthogonalise, recombine.
+
+    Paper: Gargiulo et al., 2025, "Task Singular Vectors", arXiv:2412.00081. Scope:
+    per-tensor; 2-D keys via SVD (d = floor(r / T) directions per task, d = 0 merges the
+    key to zero as in the reference), other keys averaged.
+    """
+    _check_lam("tsv_m", lam)
+    n_tasks = len(task_vectors)
+
+    def merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
+        d = min(stack.shape[1:]) // n_tasks
+        if d == 0:
+            log.warning("tsv_m: %s has rank %d < %d tasks; merged to zero", key,
+                        min(stack.shape[1:]), n_tasks)
+            return torch.zeros(stack.shape[1:])
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (T,m,r) (T,r) (T,r,n)
+        u_cat = torch.cat(list(u[:, :, :d]), dim=1)  # (m, T*d)
+        vh_cat = torch.cat(list(vh[:, :d, :]), dim=0)  # (T*d, n)
+        return _polar(u_cat) @ torch.diag(s[:, :d].reshape(-1)) @ _polar(vh_cat)
+
+    return _mean_or_matrix(task_vectors, lam, "tsv_m", merge_matrix)
+
+
+def iso_c(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> StateDict:
+    """Iso-C: flatten the spectrum of the summed task matrix to its mean singular value.
+
+    Paper: Marczak et al., 2025, "No Task Left Behind: Isotropic Model Merging with Common
+    and Task-Specific Subspaces", arXiv:2502.04959. Scope: per-tensor; 2-D keys use the SVD
+    of the *sum*, other keys the mean (as in the reference code).
+    """
+    _check_lam("iso_c", lam)
+
+    def merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        return s.mean() * (u @ vh)
+
+    return _mean_or_matrix(task_vectors, lam, "iso_c", merge_matrix)
+
+
+def iso_cts(task_vectors: Sequence[TensorMap], *, lam: float = 1.0,
+            common_space_fraction: float = 0.8) -> StateDict:
+    """Iso-CTS: common subspace of the sum plus task-specific subspaces, isotropic spectrum.
+
+    Paper: Marczak et al., 2025, arXiv:2502.04959. Scope: per-tensor; 2-D keys via SVD,
+    other keys averaged.
+
+    Args:
+        common_space_fraction: Share of the rank given to the common subspace, in [0, 1].
+    """
+    _check_lam("iso_cts", lam)
+    _check_range("iso_cts", "common_space_fraction", common_space_fraction, 0.0, 1.0,
+                 closed_low=True)
+    n_tasks = len(task_vectors)
+
+    def merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
+        r = min(stack.shape[1:])
+        common = int(r * common_space_fraction)
+        specific = min(round((r - common) / n_tasks) * n_tasks, (r // n_tasks) * n_tasks)
+        common, d = r - specific, specific // n_tasks
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        u_c, vh_c = u[:, :common], vh[:common]
+        residual = stack - u_c @ (u_c.T @ stack)  # (T, m, n): common left subspace removed
+        u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)
+        u_all = torch.cat([*u_t[:, :, :d], u_c], dim=1)  # (m, r)
+        vh_all = torch.cat([*vh_t[:, :d, :], vh_c], dim=0)  # (r, n)
+        sigma = torch.cat([s_t[:, :d].reshape(-1), s[:common]]).mean()
+        return sigma * (_polar(u_all) @ _polar(vh_all))
+
+    return _mean_or_matrix(task_vectors, lam, "iso_cts", merge_matrix)
+
+
+def _cart_key(key: str, shape: Sequence[int]) -> bool:
+    """Attention/MLP weight matrices (open_clip names); everything else stays at the mean."""
+    return (len(shape) == 2 and ("attn" in key or "mlp" in key)
+            and "ln" not in key and "bias" not in key)
+
+
+def cart(task_vectors: Sequence[TensorMap], *, lam: float = 2.0,
+         rank_ratio: float = 0.12) -> StateDict:
+    """CART: weight average plus lam times low-rank approximations of centred task vectors.
+
+    Paper: Choi et al., 2024, "Revisiting Weight Averaging for Model Merging",
+    arXiv:2412.12153. Scope: per-tensor; rank-k SVD (k = max(1, floor(rank_ratio * r))) on
+    attention/MLP weight matrices only. Affine in lam: lam = 0 or rank_ratio = 1 give plain
+    weight averaging. Defaults: the 8-task ViT-B/32 config (rho 0.12, lam 2.0).
+
+    Args:
+        rank_ratio: Kept fraction of each matrix's rank, in (0, 1].
+    """
+    _check_lam("cart", lam)
+    _check_range("cart", "rank_ratio", rank_ratio, 0.0, 1.0, closed_low=False)
+    merged = {}
+    for key in _progress(_prepare(task_vectors, "cart"), "cart"):
+        stack = _stack(task_vectors, key)
+        mean = stack.mean(0)
+        if lam == 0 or not _cart_key(key, stack.shape[1:]):
+            merged[key] = mean
+            continue
+        rank = max(1, math.floor(rank_ratio * min(stack.shape[1:])))
+        u, s, vh = torch.linalg.svd(stack - mean, full_matrices=False)  # centred (T, m, n)
+        low_rank = (u[:, :, :rank] * s[:, None, :rank]) @ vh[:, :rank, :]
+        merged[key] = mean + lam * low_rank.sum(0)
+    return merged
+
+
+# ---------------------------------------------------------------- registry
+
+METHODS: dict[str, Method] = {
+    f.__name__: f
+    for f in (weight_averaging, task_arithmetic, ties, dare, breadcrumbs, magmax, random_mix,
+              pcb, tsv_m, iso_c, iso_cts, cart, consensus)
+}
+
+# How the merged delta depends on lam (algorithms.md 3.5): Weight Weaving's fast path.
+LAMBDA_AFFINE = frozenset({"cart"})
+LAMBDA_LINEAR = frozenset(set(METHODS) - LAMBDA_AFFINE)
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,114 @@
+"""Exact order statistics and quantiles of vectors too large to hold, in bounded memory.
+
+TIES trims by a global top-k and PCB by global quantiles over ~1e8 (ViT-B) to ~3e8 (ViT-L)
+entries per task; ``torch.quantile`` refuses more than 2**24 elements and a full sort needs
+several copies of the vector. Radix selection reads the data twice (16 high bits, then the 16
+low bits inside the chosen bucket) with 65536-bin histograms and gives the exact answer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+
+_BINS = 1 << 16
+_OFFSET = 1 << 31
+
+
+def _sortable(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative int64 keys whose order is the order of the float32 values."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    signed = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+    return signed + _OFFSET  # in [0, 2**32)
+
+
+def _to_float(key: int) -> float:
+    signed = key - _OFFSET
+    bits = signed if signed >= 0 else (-(signed + 1)) | 0x80000000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def order_statistics(chunks: Chunks, ranks: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Exact values at 0-based ``ranks`` of each row of a stream of (R, n) float tensors.
+
+    ``chunks()`` is called twice and must yield the same chunks each time; row r of every
+    chunk belongs to vector r. ``ranks[r]`` lists the wanted ranks of vector r.
+    """
+    rows = len(ranks)
+    high = torch.zeros(rows * _BINS, dtype=torch.int64)
+    count = 0
+    for chunk in chunks():
+        chunk = chunk.reshape(rows, -1)
+        count += chunk.shape[1]
+        offsets = torch.arange(rows)[:, None] * _BINS
+        high += torch.bincount((offsets + (_sortable(chunk) >> 16)).flatten(), minlength=rows * _BINS)
+    for r, row_ranks in enumerate(ranks):
+        bad = [k for k in row_ranks if not 0 <= k < count]
+        if bad:
+            raise ValueError(f"rank(s) {bad} out of range for a vector of {count} values")
+    high = high.view(rows, _BINS)
+    cumulative = high.cumsum(dim=1)
+    wanted = []  # (row, bucket, rank inside bucket)
+    for r, row_ranks in enumerate(ranks):
+        for k in row_ranks:
+            bucket = int(torch.searchsorted(cumulative[r], k, right=True))
+            wanted.append((r, bucket, k - int(cumulative[r, bucket] - high[r, bucket])))
+    buckets = sorted({(r, b) for r, b, _ in wanted})
+    low = {rb: torch.zeros(_BINS, dtype=torch.int64) for rb in buckets}
+    for chunk in chunks():
+        keys = _sortable(chunk.reshape(rows, -1))
+        for r, b in buckets:
+            row = keys[r]
+            inside = row[(row >> 16) == b]
+            low[(r, b)] += torch.bincount(inside & 0xFFFF, minlength=_BINS)
+    results: list[list[float]] = [[] for _ in range(rows)]
+    for r, b, k in wanted:
+        position = int(torch.searchsorted(low[(r, b)].cumsum(0), k, right=True))
+        results[r].append(_to_float((b << 16) | position))
+    return results
+
+
+def count_values(chunks: Chunks) -> int:
+    return sum(chunk.numel() for chunk in chunks())
+
+
+def quantiles(
+    chunks: Chunks, qs: Sequence[float], rows: int = 1, count: int | None = None
+) -> torch.Tensor:
+    """``torch.quantile`` (linear interpolation) of each row, for inputs of any size: (R, Q).
+
+    ``count`` (values per row) saves a pass over the data when the caller knows it.
+    """
+    bad = [q for q in qs if not 0.0 <= q <= 1.0]
+    if bad:
+        raise ValueError(f"quantile levels must lie in [0, 1], got {bad}")
+    n = count if count is not None else count_values(chunks) // rows
+    positions = [q * (n - 1) for q in qs]
+    needed = sorted({int(p) for p in positions} | {min(int(p) + 1, n - 1) for p in positions})
+    values = order_statistics(chunks, [needed] * rows)
+    out = torch.empty(rows, len(qs), dtype=torch.float64)
+    for r in range(rows):
+        at = dict(zip(needed, values[r], strict=True))
+        for j, p in enumerate(positions):
+            lo, hi = at[int(p)], at[min(int(p) + 1, n - 1)]
+            out[r, j] = lo + (hi - lo) * (p - int(p))
+    return out.float()
+
+
+def topk_threshold(chunks: Chunks, fraction: float, count: int | None = None) -> float:
+    """Magnitude threshold keeping the top ``fraction`` of entries (TIES's order statistic).
+
+    With d entries the threshold is the (d - floor(d * fraction))-th smallest |value|, and
+    entries with |value| >= threshold are kept, as in the TIES reference code. ``fraction``
+    of 1 keeps everything (threshold 0).
+    """
+    d = count if count is not None else count_values(chunks)
+    kth = d - int(d * fraction)  # 1-based rank of the threshold
+    if kth <= 0:
+        return 0.0
+    return order_statistics(lambda: (c.abs() for c in chunks()), [[kth - 1]])[0][0]
+

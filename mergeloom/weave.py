@@ -1,0 +1,162 @@
+"""Weight Weaving: pool the merged updates over a hyperparameter search space, no data needed.
+
+Chaves, Valle & Avila, 2025, "Weight Weaving: Parameter Pooling for Data-Free Model Merging",
+arXiv:2510.13921. For every point of the search space (lam values by default, but any grid of
+the method's hyperparameters) the base method gives a merged update; a pool combines them,
+in the collaborative variant together with the raw task vectors.
+
+A pool has the type of a merge method whose lam is fixed: mean = weight averaging,
+random = random mixing, max_abs = MagMax, all at lam 1, and any registered method can pool.
+Candidates are lazy mappings, so pooling reads one key of every candidate at a time:
+  * lam-linear methods: D = method(lam=1) is computed once, candidate i is the view lam_i * D
+    (algorithms.md 3.5); lam-affine (CART): m + lam_i * D with m = method(lam=0);
+  * any other grid: each candidate is merged once and spilled to a temporary safetensors
+    file, so at most one candidate model is in memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from mergeloom import methods
+from mergeloom.vectors import SafetensorsFile, StateDict, TensorMap, save
+
+Pool = Callable[[Sequence[TensorMap]], StateDict]
+
+POOLS: dict[str, Pool] = {
+    "mean": partial(methods.weight_averaging, lam=1.0),
+    "random": partial(methods.random_mix, lam=1.0),
+    "max_abs": partial(methods.magmax, lam=1.0),
+}
+
+# Methods whose output is a sum over inputs: as a pool their scale is 1/|A*| (algorithms.md 3.3).
+_SUM_TYPE = frozenset({"task_arithmetic", "breadcrumbs", "consensus"})
+
+
+class _Affine(Mapping[str, torch.Tensor]):
+    """Lazy candidate ``offset + lam * direction`` (offset may be None)."""
+
+    def __init__(self, offset: StateDict | None, direction: StateDict, lam: float):
+        self.offset, self.direction, self.lam = offset, direction, lam
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self.direction[key] * self.lam
+        return value if self.offset is None else value + self.offset[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.direction)
+
+    def __len__(self) -> int:
+        return len(self.direction)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.direction[key].shape)
+
+
+def is_sum_type(name: str, hyperparameters: Mapping[str, object]) -> bool:
+    if name == "dare":
+        return hyperparameters.get("base", "task_arithmetic") == "task_arithmetic"
+    if name == "ties":
+        return hyperparameters.get("merge", "mean") == "sum"
+    return name in _SUM_TYPE
+
+
+def get_pool(name: str, *, seed: int = 0, n_candidates: int,
+             hyperparameters: Mapping[str, object] | None = None) -> Pool:
+    """A pool by name: POOLS first, then any merge method at its fixed pooling scale.
+
+    Args:
+        seed: Seed of the random pool (and of seeded methods used as pools).
+        n_candidates: |A*|, which sets the scale of sum-type methods used as pools.
+        hyperparameters: The method's own hyperparameters (``lam`` is ignored).
+    """
+    if name == "random":
+        return partial(methods.random_mix, lam=1.0, seed=seed)
+    if name in POOLS:
+        return POOLS[name]
+    if name not in methods.METHODS:
+        known = sorted(POOLS) + sorted(methods.METHODS)
+        raise ValueError(f"unknown pool {name!r}; known: {', '.join(known)}")
+    hp = {k: v for k, v in (hyperparameters or {}).items() if k != "lam"}
+    if "seed" in inspect.signature(methods.METHODS[name]).parameters:
+        hp.setdefault("seed", seed)
+    lam = 1.0 / n_candidates if is_sum_type(name, hp) else 1.0
+    return partial(methods.METHODS[name], lam=lam, **hp)
+
+
+def expand_grid(search_space: Mapping[str, Sequence[object]]) -> list[dict[str, object]]:
+    """Cartesian product of a {hyperparameter: values} search space, in the given order."""
+    if not search_space:
+        raise ValueError("weave: search space is empty; expected e.g. {'lam': [0.1, 0.2]}")
+    empty = [name for name, values in search_space.items() if len(values) == 0]
+    if empty:
+        raise ValueError(f"weave: search space has no values for {empty}")
+    names = list(search_space)
+    return [dict(zip(names, point, strict=True))
+            for point in itertools.product(*(search_space[n] for n in names))]
+
+
+def _lam_views(name: str, task_vectors: Sequence[TensorMap], lambdas: Sequence[float],
+               hyperparameters: Mapping[str, object]) -> list[_Affine]:
+    method = methods.get(name)
+    direction = method(task_vectors, lam=1.0, **hyperparameters)
+    if name in methods.LAMBDA_LINEAR:
+        return [_Affine(None, direction, lam) for lam in lambdas]
+    offset = method(task_vectors, lam=0.0, **hyperparameters)
+    for key in direction:  # direction = method(lam=1) - method(lam=0), in place
+        direction[key] -= offset[key]
+    return [_Affine(offset, direction, lam) for lam in lambdas]
+
+
+def weave(method: str, task_vectors: Sequence[TensorMap], search_space: Mapping[str, Sequence],
+          pool: str | Pool = "mean", *, collaborative: bool = True, seed: int = 0,
+          closed_form: bool = True, spill_dir: str | Path | None = None,
+          pool_hyperparameters: Mapping[str, object] | None = None,
+          **hyperparameters) -> StateDict:
+    """Merged task vector of Weight Weaving with base ``method`` over ``search_space``.
+
+    Args:
+        search_space: {hyperparameter: values}; the grid is their Cartesian product.
+        pool: A pool name (mean, random, max_abs or a method name) or a Pool.
+        collaborative: Pool the raw task vectors together with the merged candidates.
+        seed: Seed of the random pool.
+        closed_form: Use the lam-linear/affine views when the grid is over lam only; False
+            merges every candidate explicitly (same result, for checking).
+        spill_dir: Where explicit candidates are spilled (default: system temp).
+        pool_hyperparameters: Hyperparameters of a method used as the pool.
+        hyperparameters: Fixed hyperparameters of ``method``.
+    """
+    base = methods.get(method)
+    grid = expand_grid(search_space)
+    both = sorted(set(search_space) & set(hyperparameters))
+    if both:
+        raise ValueError(f"weave: {both} given both as fixed hyperparameters and in the search space")
+    for point in grid:  # fail on a bad name before any heavy work
+        inspect.signature(base).bind(task_vectors, **hyperparameters, **point)
+    n_candidates = len(grid) + (len(task_vectors) if collaborative else 0)
+    pool_fn = pool if callable(pool) else get_pool(
+        pool, seed=seed, n_candidates=n_candidates, hyperparameters=pool_hyperparameters)
+    raw = list(task_vectors) if collaborative else []
+    if closed_form and set(search_space) == {"lam"}:
+        lambdas = [float(point["lam"]) for point in grid]
+        return pool_fn(raw + _lam_views(method, task_vectors, lambdas, hyperparameters))
+    with tempfile.TemporaryDirectory(prefix="mergeloom-weave-", dir=spill_dir) as tmp:
+        spilled = []
+        for i, point in enumerate(grid):
+            path = Path(tmp) / f"candidate_{i}.safetensors"
+            save(base(task_vectors, **{**hyperparameters, **point}), path)
+            spilled.append(SafetensorsFile(path))
+        return pool_fn(raw + spilled)
+
+
+def effective_lam(n_tasks: int, lambdas: Sequence[float], collaborative: bool) -> float:
+    """lam_eff of mean pooling on a lam-linear base (algorithms.md 3.5): report it beside WW."""
+    total = len(lambdas) + (n_tasks if collaborative else 0)
+    return sum(lambdas) / total

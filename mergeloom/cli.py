@@ -74,8 +74,13 @@ def _common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--pretrained", required=True, help="pretrained weights (.safetensors)")
     sub.add_argument("--experts", required=True, nargs="+", help="fine-tuned weights")
     sub.add_argument("--out", required=True, help="output .safetensors (full merged weights)")
-    sub.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                     help="method hyperparameter, repeatable")
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method hyperparameter, repeatable",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(woven)
     woven.add_argument("--lambdas", default="0.05:1.0:0.05", help="start:stop:step or a,b,c")
     woven.add_argument("--pool", default="mean", help=f"{', '.join(POOLS)} or a method name")
-    woven.add_argument("--pool-set", action="append", default=[], metavar="NAME=VALUE",
-                       help="hyperparameter of a method used as the pool")
-    woven.add_argument("--no-collaborative", dest="collaborative", action="store_false",
-                       help="pool only the merged candidates, not the raw task vectors")
+    woven.add_argument(
+        "--pool-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hyperparameter of a method used as the pool",
+    )
+    woven.add_argument(
+        "--no-collaborative",
+        dest="collaborative",
+        action="store_false",
+        help="pool only the merged candidates, not the raw task vectors",
+    )
     woven.add_argument("--seed", type=int, default=0, help="seed of the random pool")
     return parser
 
@@ -103,8 +117,11 @@ def run(args: argparse.Namespace) -> str:
     hyperparameters = parse_assignments(args.set, "--set")
     check_hyperparameters(args.method, list(hyperparameters))
     task_vectors = vectors.load_task_vectors(args.pretrained, args.experts)
-    record: dict[str, object] = {"method": args.method, "hyperparameters": hyperparameters,
-                                 "experts": [str(p) for p in args.experts]}
+    record: dict[str, object] = {
+        "method": args.method,
+        "hyperparameters": hyperparameters,
+        "experts": [str(p) for p in args.experts],
+    }
     if args.command == "merge":
         if args.lam is not None:
             hyperparameters["lam"] = args.lam
@@ -112,13 +129,24 @@ def run(args: argparse.Namespace) -> str:
     else:
         lambdas = parse_lambdas(args.lambdas)
         pool_hp = parse_assignments(args.pool_set, "--pool-set")
-        delta = weave(args.method, task_vectors, {"lam": lambdas}, args.pool,
-                      collaborative=args.collaborative, seed=args.seed,
-                      pool_hyperparameters=pool_hp, **hyperparameters)
-        record.update(lambdas=lambdas, pool=args.pool, pool_hyperparameters=pool_hp,
-                      collaborative=args.collaborative, seed=args.seed,
-                      effective_lam_mean_pool=effective_lam(len(task_vectors), lambdas,
-                                                            args.collaborative))
+        delta = weave(
+            args.method,
+            task_vectors,
+            {"lam": lambdas},
+            args.pool,
+            collaborative=args.collaborative,
+            seed=args.seed,
+            pool_hyperparameters=pool_hp,
+            **hyperparameters,
+        )
+        record.update(
+            lambdas=lambdas,
+            pool=args.pool,
+            pool_hyperparameters=pool_hp,
+            collaborative=args.collaborative,
+            seed=args.seed,
+            effective_lam_mean_pool=effective_lam(len(task_vectors), lambdas, args.collaborative),
+        )
     pretrained = task_vectors[0].pretrained
     merged = vectors.apply(pretrained, delta, inplace=True)
     vectors.save(merged, args.out, metadata=vectors.metadata_json(record))

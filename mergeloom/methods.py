@@ -43,8 +43,16 @@ def _stack(task_vectors: Sequence[TensorMap], key: str) -> torch.Tensor:
     return torch.stack([tv[key].float() for tv in task_vectors])  # (T, *shape)
 
 
-def _check_range(name: str, param: str, value: float, low: float, high: float, *, closed_low: bool,
-                 closed_high: bool = True) -> None:
+def _check_range(
+    name: str,
+    param: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    closed_low: bool,
+    closed_high: bool = True,
+) -> None:
     ok_low = value >= low if closed_low else value > low
     ok_high = value <= high if closed_high else value < high
     if not (isinstance(value, (int, float)) and ok_low and ok_high and math.isfinite(value)):
@@ -91,8 +99,12 @@ def _polar(matrix: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def _mean_or_matrix(task_vectors: Sequence[TensorMap], lam: float, name: str,
-                    matrix_merge: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+def _mean_or_matrix(
+    task_vectors: Sequence[TensorMap],
+    lam: float,
+    name: str,
+    matrix_merge: Callable[[str, torch.Tensor], torch.Tensor],
+) -> StateDict:
     """SVD-family layout: ``matrix_merge`` on 2-D keys, the mean of the task vectors elsewhere."""
     merged = {}
     for key in _progress(_prepare(task_vectors, name), name):
@@ -148,8 +160,14 @@ def _trim(stack: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return stack * (stack.abs() >= view)
 
 
-def ties(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, k: float = 0.2,
-         merge: str = "mean", scope: str = "global") -> StateDict:
+def ties(
+    task_vectors: Sequence[TensorMap],
+    *,
+    lam: float = 1.0,
+    k: float = 0.2,
+    merge: str = "mean",
+    scope: str = "global",
+) -> StateDict:
     """TIES-Merging: trim to top-k magnitudes, elect signs by mass, disjoint merge.
 
     Paper: Yadav et al., 2023, arXiv:2306.01708. Scope: global (top-k and the majority sign
@@ -170,11 +188,14 @@ def ties(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, k: float = 0.2,
     for group in _groups(keys, scope):
         d = _numel(task_vectors[0], group)
         thresholds = torch.tensor(
-            [topk_threshold(lambda tv=tv: (tv[key] for key in group), k, count=d)
-             for tv in task_vectors]
+            [
+                topk_threshold(lambda tv=tv, group=group: (tv[key] for key in group), k, count=d)
+                for tv in task_vectors
+            ]
         )
-        mass = sum(torch.sign(_trim(_stack(task_vectors, key), thresholds).sum(0)).sum()
-                   for key in group)
+        mass = sum(
+            torch.sign(_trim(_stack(task_vectors, key), thresholds).sum(0)).sum() for key in group
+        )
         majority = torch.sign(torch.as_tensor(mass, dtype=torch.float32))
         for key in _progress(group, "ties") if scope == "global" else group:
             trimmed = _trim(_stack(task_vectors, key), thresholds)
@@ -204,9 +225,16 @@ class _Dropped(Mapping[str, torch.Tensor]):
         return shape_of(self.tv, key)
 
 
-def dare(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, p: float = 0.5,
-         base: str = "task_arithmetic", k: float = 0.2, seed: int = 0,
-         rescale: bool = True) -> StateDict:
+def dare(
+    task_vectors: Sequence[TensorMap],
+    *,
+    lam: float = 0.3,
+    p: float = 0.5,
+    base: str = "task_arithmetic",
+    k: float = 0.2,
+    seed: int = 0,
+    rescale: bool = True,
+) -> StateDict:
     """DARE: drop each entry with probability p, rescale by 1/(1-p), then merge with `base`.
 
     Paper: Yu et al., 2024, "Language Models are Super Mario", arXiv:2311.03099.
@@ -220,6 +248,7 @@ def dare(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, p: float = 0.5,
         seed: Mask seed.
         rescale: Divide kept entries by 1 - p.
     """
+    _check_lam("dare", lam)
     _check_range("dare", "p", p, 0.0, 1.0, closed_low=True, closed_high=False)
     _check_choice("dare", "base", base, ("task_arithmetic", "ties"))
     _prepare(task_vectors, "dare")
@@ -242,8 +271,13 @@ def _band_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tens
     return ((ranks >= n_bottom) & (ranks < n - n_top)).view(values.shape)
 
 
-def breadcrumbs(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, density: float = 0.9,
-                gamma: float = 0.01) -> StateDict:
+def breadcrumbs(
+    task_vectors: Sequence[TensorMap],
+    *,
+    lam: float = 1.0,
+    density: float = 0.9,
+    gamma: float = 0.01,
+) -> StateDict:
     """Model Breadcrumbs: drop each tensor's largest outliers and smallest entries, then sum.
 
     Paper: Davari & Belilovsky, 2024, arXiv:2312.06795. Scope: per-tensor ranks
@@ -297,8 +331,9 @@ def random_mix(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, seed: int
     return merged
 
 
-def consensus(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, tall_lambda: float = 0.4,
-              k: int = 2) -> StateDict:
+def consensus(
+    task_vectors: Sequence[TensorMap], *, lam: float = 0.3, tall_lambda: float = 0.4, k: int = 2
+) -> StateDict:
     """Consensus Task Arithmetic: keep entries that the TALL masks of >= k tasks use.
 
     Paper: Wang et al., 2024, "Localizing Task Information for Improved Model Merging and
@@ -322,8 +357,14 @@ def consensus(task_vectors: Sequence[TensorMap], *, lam: float = 0.3, tall_lambd
     return merged
 
 
-def pcb(task_vectors: Sequence[TensorMap], *, lam: float = 1.2, ratio: float = 0.05,
-        clip: float = 0.01, scope: str = "global") -> StateDict:
+def pcb(
+    task_vectors: Sequence[TensorMap],
+    *,
+    lam: float = 1.2,
+    ratio: float = 0.05,
+    clip: float = 0.01,
+    scope: str = "global",
+) -> StateDict:
     """PCB-Merging: intra- and inter-task balancing weights, keep the top ratio, weighted mean.
 
     Paper: Du et al., 2024, "Parameter Competition Balancing for Model Merging",
@@ -344,10 +385,16 @@ def pcb(task_vectors: Sequence[TensorMap], *, lam: float = 1.2, ratio: float = 0
     merged = {}
     for group in _groups(keys, scope):
         d = _numel(task_vectors[0], group)
-        bounds = torch.cat([
-            quantiles(lambda tv=tv: (tv[key].abs() for key in group), [clip, 1 - clip], count=d)
-            for tv in task_vectors
-        ])  # (T, 2)
+        bounds = torch.cat(
+            [
+                quantiles(
+                    lambda tv=tv, group=group: (tv[key].abs() for key in group),
+                    [clip, 1 - clip],
+                    count=d,
+                )
+                for tv in task_vectors
+            ]
+        )  # (T, 2)
         low, high = bounds[:, 0], bounds[:, 1]
 
         def balance(stack: torch.Tensor, low=low, high=high) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,8 +436,12 @@ def tsv_m(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> StateDict:
     def merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
         d = min(stack.shape[1:]) // n_tasks
         if d == 0:
-            log.warning("tsv_m: %s has rank %d < %d tasks; merged to zero", key,
-                        min(stack.shape[1:]), n_tasks)
+            log.warning(
+                "tsv_m: %s has rank %d < %d tasks; merged to zero",
+                key,
+                min(stack.shape[1:]),
+                n_tasks,
+            )
             return torch.zeros(stack.shape[1:])
         u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # (T,m,r) (T,r) (T,r,n)
         u_cat = torch.cat(list(u[:, :, :d]), dim=1)  # (m, T*d)
@@ -416,8 +467,9 @@ def iso_c(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> StateDict:
     return _mean_or_matrix(task_vectors, lam, "iso_c", merge_matrix)
 
 
-def iso_cts(task_vectors: Sequence[TensorMap], *, lam: float = 1.0,
-            common_space_fraction: float = 0.8) -> StateDict:
+def iso_cts(
+    task_vectors: Sequence[TensorMap], *, lam: float = 1.0, common_space_fraction: float = 0.8
+) -> StateDict:
     """Iso-CTS: common subspace of the sum plus task-specific subspaces, isotropic spectrum.
 
     Paper: Marczak et al., 2025, arXiv:2502.04959. Scope: per-tensor; 2-D keys via SVD,
@@ -427,8 +479,9 @@ def iso_cts(task_vectors: Sequence[TensorMap], *, lam: float = 1.0,
         common_space_fraction: Share of the rank given to the common subspace, in [0, 1].
     """
     _check_lam("iso_cts", lam)
-    _check_range("iso_cts", "common_space_fraction", common_space_fraction, 0.0, 1.0,
-                 closed_low=True)
+    _check_range(
+        "iso_cts", "common_space_fraction", common_space_fraction, 0.0, 1.0, closed_low=True
+    )
     n_tasks = len(task_vectors)
 
     def merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
@@ -450,12 +503,17 @@ def iso_cts(task_vectors: Sequence[TensorMap], *, lam: float = 1.0,
 
 def _cart_key(key: str, shape: Sequence[int]) -> bool:
     """Attention/MLP weight matrices (open_clip names); everything else stays at the mean."""
-    return (len(shape) == 2 and ("attn" in key or "mlp" in key)
-            and "ln" not in key and "bias" not in key)
+    return (
+        len(shape) == 2
+        and ("attn" in key or "mlp" in key)
+        and "ln" not in key
+        and "bias" not in key
+    )
 
 
-def cart(task_vectors: Sequence[TensorMap], *, lam: float = 2.0,
-         rank_ratio: float = 0.12) -> StateDict:
+def cart(
+    task_vectors: Sequence[TensorMap], *, lam: float = 2.0, rank_ratio: float = 0.12
+) -> StateDict:
     """CART: weight average plus lam times low-rank approximations of centred task vectors.
 
     Paper: Choi et al., 2024, "Revisiting Weight Averaging for Model Merging",
@@ -486,8 +544,21 @@ def cart(task_vectors: Sequence[TensorMap], *, lam: float = 2.0,
 
 METHODS: dict[str, Method] = {
     f.__name__: f
-    for f in (weight_averaging, task_arithmetic, ties, dare, breadcrumbs, magmax, random_mix,
-              pcb, tsv_m, iso_c, iso_cts, cart, consensus)
+    for f in (
+        weight_averaging,
+        task_arithmetic,
+        ties,
+        dare,
+        breadcrumbs,
+        magmax,
+        random_mix,
+        pcb,
+        tsv_m,
+        iso_c,
+        iso_cts,
+        cart,
+        consensus,
+    )
 }
 
 # How the merged delta depends on lam (algorithms.md 3.5): Weight Weaving's fast path.

@@ -17,6 +17,7 @@ Chunks = Callable[[], Iterable[torch.Tensor]]
 
 _BINS = 1 << 16
 _OFFSET = 1 << 31
+_SORT_BELOW = 1 << 20  # values; below this a plain sort is faster and small
 
 
 def _sortable(values: torch.Tensor) -> torch.Tensor:
@@ -32,24 +33,29 @@ def _to_float(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-def order_statistics(chunks: Chunks, ranks: Sequence[Sequence[int]]) -> list[list[float]]:
+def order_statistics(
+    chunks: Chunks, ranks: Sequence[Sequence[int]], count: int | None = None
+) -> list[list[float]]:
     """Exact values at 0-based ``ranks`` of each row of a stream of (R, n) float tensors.
 
-    ``chunks()`` is called twice and must yield the same chunks each time; row r of every
-    chunk belongs to vector r. ``ranks[r]`` lists the wanted ranks of vector r.
+    ``chunks()`` may be called more than once and must yield the same chunks each time; row r
+    of every chunk belongs to vector r, whose wanted ranks are ``ranks[r]``. ``count`` (values
+    per row) saves a pass when known. Inputs below ``_SORT_BELOW`` values are simply sorted.
     """
     rows = len(ranks)
-    high = torch.zeros(rows * _BINS, dtype=torch.int64)
-    count = 0
-    for chunk in chunks():
-        chunk = chunk.reshape(rows, -1)
-        count += chunk.shape[1]
-        offsets = torch.arange(rows)[:, None] * _BINS
-        high += torch.bincount((offsets + (_sortable(chunk) >> 16)).flatten(), minlength=rows * _BINS)
-    for r, row_ranks in enumerate(ranks):
+    count = count if count is not None else count_values(chunks) // rows
+    for row_ranks in ranks:
         bad = [k for k in row_ranks if not 0 <= k < count]
         if bad:
             raise ValueError(f"rank(s) {bad} out of range for a vector of {count} values")
+    if count * rows <= _SORT_BELOW:
+        ordered = torch.cat([c.reshape(rows, -1).float() for c in chunks()], dim=1).sort().values
+        return [[ordered[r, k].item() for k in row_ranks] for r, row_ranks in enumerate(ranks)]
+    offsets = torch.arange(rows)[:, None] * _BINS
+    high = torch.zeros(rows * _BINS, dtype=torch.int64)
+    for chunk in chunks():
+        keys = (offsets + (_sortable(chunk.reshape(rows, -1)) >> 16)).flatten()
+        high += torch.bincount(keys, minlength=rows * _BINS)
     high = high.view(rows, _BINS)
     cumulative = high.cumsum(dim=1)
     wanted = []  # (row, bucket, rank inside bucket)
@@ -89,7 +95,7 @@ def quantiles(
     n = count if count is not None else count_values(chunks) // rows
     positions = [q * (n - 1) for q in qs]
     needed = sorted({int(p) for p in positions} | {min(int(p) + 1, n - 1) for p in positions})
-    values = order_statistics(chunks, [needed] * rows)
+    values = order_statistics(chunks, [needed] * rows, count=n)
     out = torch.empty(rows, len(qs), dtype=torch.float64)
     for r in range(rows):
         at = dict(zip(needed, values[r], strict=True))
@@ -110,5 +116,4 @@ def topk_threshold(chunks: Chunks, fraction: float, count: int | None = None) ->
     kth = d - int(d * fraction)  # 1-based rank of the threshold
     if kth <= 0:
         return 0.0
-    return order_statistics(lambda: (c.abs() for c in chunks()), [[kth - 1]])[0][0]
-
+    return order_statistics(lambda: (c.abs() for c in chunks()), [[kth - 1]], count=d)[0][0]

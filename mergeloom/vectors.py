@@ -43,12 +43,13 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             self._keys = sorted(self._handle.keys())
+            self._key_set = set(self._keys)
             self._metadata = self._handle.metadata() or {}
         except Exception as err:  # safetensors raises several error types for corrupt files
             raise ValueError(f"cannot read safetensors file {self.path}: {err}") from err
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._handle.keys():
+        if key not in self._key_set:
             raise KeyError(key)
         return check_finite(self._handle.get_tensor(key), key, str(self.path))
 
@@ -156,7 +157,9 @@ def apply(pretrained: TensorMap, delta: StateDict, inplace: bool = False) -> Sta
     """
     extra = sorted(set(delta) - set(pretrained))
     if extra:
-        raise ValueError(f"delta has keys absent from the pretrained weights: {extra[:_MAX_LISTED]}")
+        raise ValueError(
+            f"delta has keys absent from the pretrained weights: {extra[:_MAX_LISTED]}"
+        )
     out = delta if inplace else {}
     for key in pretrained:
         base = pretrained[key]
@@ -183,7 +186,9 @@ def load_task_vectors(
     return [TaskVector(SafetensorsFile(p), base, name=str(p)) for p in experts]
 
 
-def save(state: TensorMap, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save(
+    state: TensorMap, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write atomically: a temporary file in the target folder, renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +205,9 @@ def save(state: TensorMap, path: str | os.PathLike, metadata: Mapping[str, str] 
 
 def metadata_json(values: Mapping[str, object]) -> dict[str, str]:
     """safetensors metadata must be str -> str; nested values are stored as sorted JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+    return {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()
+    }
 
 
 def cosine_similarity(task_vectors: Sequence[TensorMap]) -> torch.Tensor:

@@ -68,8 +68,13 @@ def is_sum_type(name: str, hyperparameters: Mapping[str, object]) -> bool:
     return name in _SUM_TYPE
 
 
-def get_pool(name: str, *, seed: int = 0, n_candidates: int,
-             hyperparameters: Mapping[str, object] | None = None) -> Pool:
+def get_pool(
+    name: str,
+    *,
+    seed: int = 0,
+    n_candidates: int,
+    hyperparameters: Mapping[str, object] | None = None,
+) -> Pool:
     """A pool by name: POOLS first, then any merge method at its fixed pooling scale.
 
     Args:
@@ -99,12 +104,18 @@ def expand_grid(search_space: Mapping[str, Sequence[object]]) -> list[dict[str, 
     if empty:
         raise ValueError(f"weave: search space has no values for {empty}")
     names = list(search_space)
-    return [dict(zip(names, point, strict=True))
-            for point in itertools.product(*(search_space[n] for n in names))]
+    return [
+        dict(zip(names, point, strict=True))
+        for point in itertools.product(*(search_space[n] for n in names))
+    ]
 
 
-def _lam_views(name: str, task_vectors: Sequence[TensorMap], lambdas: Sequence[float],
-               hyperparameters: Mapping[str, object]) -> list[_Affine]:
+def _lam_views(
+    name: str,
+    task_vectors: Sequence[TensorMap],
+    lambdas: Sequence[float],
+    hyperparameters: Mapping[str, object],
+) -> list[_Affine]:
     method = methods.get(name)
     direction = method(task_vectors, lam=1.0, **hyperparameters)
     if name in methods.LAMBDA_LINEAR:
@@ -115,11 +126,19 @@ def _lam_views(name: str, task_vectors: Sequence[TensorMap], lambdas: Sequence[f
     return [_Affine(offset, direction, lam) for lam in lambdas]
 
 
-def weave(method: str, task_vectors: Sequence[TensorMap], search_space: Mapping[str, Sequence],
-          pool: str | Pool = "mean", *, collaborative: bool = True, seed: int = 0,
-          closed_form: bool = True, spill_dir: str | Path | None = None,
-          pool_hyperparameters: Mapping[str, object] | None = None,
-          **hyperparameters) -> StateDict:
+def weave(
+    method: str,
+    task_vectors: Sequence[TensorMap],
+    search_space: Mapping[str, Sequence],
+    pool: str | Pool = "mean",
+    *,
+    collaborative: bool = True,
+    seed: int = 0,
+    closed_form: bool = True,
+    spill_dir: str | Path | None = None,
+    pool_hyperparameters: Mapping[str, object] | None = None,
+    **hyperparameters,
+) -> StateDict:
     """Merged task vector of Weight Weaving with base ``method`` over ``search_space``.
 
     Args:
@@ -137,12 +156,19 @@ def weave(method: str, task_vectors: Sequence[TensorMap], search_space: Mapping[
     grid = expand_grid(search_space)
     both = sorted(set(search_space) & set(hyperparameters))
     if both:
-        raise ValueError(f"weave: {both} given both as fixed hyperparameters and in the search space")
+        raise ValueError(
+            f"weave: {both} given both as fixed hyperparameters and in the search space"
+        )
     for point in grid:  # fail on a bad name before any heavy work
         inspect.signature(base).bind(task_vectors, **hyperparameters, **point)
     n_candidates = len(grid) + (len(task_vectors) if collaborative else 0)
-    pool_fn = pool if callable(pool) else get_pool(
-        pool, seed=seed, n_candidates=n_candidates, hyperparameters=pool_hyperparameters)
+    pool_fn = (
+        pool
+        if callable(pool)
+        else get_pool(
+            pool, seed=seed, n_candidates=n_candidates, hyperparameters=pool_hyperparameters
+        )
+    )
     raw = list(task_vectors) if collaborative else []
     if closed_form and set(search_space) == {"lam"}:
         lambdas = [float(point["lam"]) for point in grid]

@@ -1,0 +1,444 @@
+"""Contract tests over the registry plus one hand-computed example and the invariants of each
+method (algorithms.md section 8)."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from conftest import vit_like
+
+from mergeloom import methods, stats, vectors
+from mergeloom.methods import METHODS
+
+ALL = sorted(METHODS)
+SEEDED = [n for n in ALL if "seed" in inspect.signature(METHODS[n]).parameters]
+
+
+def vec(*values):
+    return {"w": torch.tensor(values, dtype=torch.float32)}
+
+
+def close(a, b, **kw):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **kw)
+
+
+# ---------------------------------------------------------------- contract, every method
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_keys_shapes_dtype_finite(name, task_vectors):
+    merged = METHODS[name](task_vectors)
+    assert list(merged) == list(task_vectors[0])
+    for key, value in merged.items():
+        assert value.shape == task_vectors[0][key].shape, key
+        assert value.dtype == torch.float32
+        assert torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_not_mutated(name, task_vectors):
+    before = copy.deepcopy(task_vectors)
+    METHODS[name](task_vectors)
+    for tv, original in zip(task_vectors, before, strict=True):
+        for key in tv:
+            assert torch.equal(tv[key], original[key])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic(name, task_vectors):
+    close(METHODS[name](task_vectors), METHODS[name](task_vectors), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_seed_changes_result(name, task_vectors):
+    a = METHODS[name](task_vectors, seed=1)
+    b = METHODS[name](task_vectors, seed=2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_lazy_files_give_the_same_result(name, task_vectors, tmp_path):
+    """The streaming path (one key per read from safetensors) equals the in-memory path."""
+    base = vit_like(100)
+    vectors.save(base, tmp_path / "base.safetensors")
+    paths = []
+    for i, tv in enumerate(task_vectors):
+        paths.append(tmp_path / f"e{i}.safetensors")
+        vectors.save(vectors.apply(base, tv), paths[-1])
+    lazy = vectors.load_task_vectors(tmp_path / "base.safetensors", paths)
+    in_memory = [vectors.subtract(vectors.load(p), base) for p in paths]
+    close(METHODS[name](lazy), METHODS[name](in_memory), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_lam_linearity_is_declared_correctly(name, task_vectors):
+    at = {lam: METHODS[name](task_vectors, lam=lam) for lam in (0.0, 1.0, 2.0)}
+    if name in methods.LAMBDA_LINEAR:
+        close(at[2.0], vectors.scale(at[1.0], 2.0), rtol=1e-5, atol=1e-6)
+    else:  # affine: equal steps in lam give equal steps in the output
+        step = vectors.subtract(at[1.0], at[0.0])
+        close(vectors.subtract(at[2.0], at[1.0]), step, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_hyperparameter_is_a_type_error(name, task_vectors):
+    with pytest.raises(TypeError, match="densty"):
+        METHODS[name](task_vectors, densty=0.2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bad_lam_and_empty_input(name, task_vectors):
+    with pytest.raises(ValueError, match=rf"{name}: lam must be a finite number, got nan"):
+        METHODS[name](task_vectors, lam=float("nan"))
+    with pytest.raises(ValueError, match="at least one task vector"):
+        METHODS[name]([])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_task_vectors_are_rejected(name, task_vectors):
+    broken = dict(task_vectors[1])
+    broken["proj"] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"task vector 1 .*proj: \(4, 6\) vs \(6, 4\)"):
+        METHODS[name]([task_vectors[0], broken])
+
+
+def test_get_unknown_lists_known():
+    with pytest.raises(ValueError, match="unknown merge method 'nope'; known: breadcrumbs, cart"):
+        methods.get("nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("ties", {"k": 0.0}, r"ties: k must be in \(0.0, 1.0\], got 0.0"),
+        ("ties", {"k": 20}, r"ties: k must be in \(0.0, 1.0\], got 20"),
+        ("ties", {"merge": "median"}, r"merge must be one of \['mean', 'sum', 'max'\]"),
+        ("ties", {"scope": "layer"}, r"scope must be one of \['global', 'per_tensor'\]"),
+        ("dare", {"p": 1.0}, r"dare: p must be in \[0.0, 1.0\), got 1.0"),
+        ("dare", {"base": "magmax"}, r"base must be one of \['task_arithmetic', 'ties'\]"),
+        ("breadcrumbs", {"density": 1.5}, r"density must be in \(0.0, 1.0\], got 1.5"),
+        ("breadcrumbs", {"gamma": -0.1}, r"gamma must be in \[0.0, 1.0\), got -0.1"),
+        ("pcb", {"ratio": 0.0}, r"pcb: ratio must be in \(0.0, 1.0\], got 0.0"),
+        ("pcb", {"clip": 0.5}, r"pcb: clip must be in \[0.0, 0.5\), got 0.5"),
+        ("iso_cts", {"common_space_fraction": 1.2}, r"common_space_fraction must be in \[0.0"),
+        ("cart", {"rank_ratio": 0.0}, r"cart: rank_ratio must be in \(0.0, 1.0\], got 0.0"),
+        ("cart", {"rank_ratio": 2}, r"cart: rank_ratio must be in \(0.0, 1.0\], got 2"),
+        ("consensus", {"k": -1}, r"consensus: k must be an integer >= 0, got -1"),
+    ],
+)
+def test_out_of_range_hyperparameters(name, kwargs, message, task_vectors):
+    with pytest.raises(ValueError, match=message):
+        METHODS[name](task_vectors, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "task_arithmetic",
+        "ties",
+        "magmax",
+        "breadcrumbs",
+        "pcb",
+        "tsv_m",
+        "weight_averaging",
+        "random_mix",
+        "dare",
+        "consensus",
+    ],
+)
+def test_one_expert_at_lam_one_comes_back(name):
+    tv = vit_like(5)
+    kwargs = {
+        "ties": {"k": 1.0},
+        "breadcrumbs": {"density": 1.0, "gamma": 0.0},
+        "pcb": {"ratio": 1.0, "clip": 0.0},
+        "dare": {"p": 0.0},
+        "consensus": {"k": 1},
+    }.get(name, {})
+    merged = METHODS[name]([tv], lam=1.0, **kwargs)
+    if name == "pcb":  # the entry of smallest balance weight gets weight 0: exactly one is lost
+        lost = sum(int((~torch.isclose(merged[k], tv[k])).sum()) for k in tv)
+        assert lost == 1
+        return
+    close(merged, tv, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- averaging family
+
+
+def test_weight_averaging_is_task_arithmetic_at_one_over_t(task_vectors):
+    close(
+        methods.weight_averaging(task_vectors),
+        methods.task_arithmetic(task_vectors, lam=1 / 3),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_task_arithmetic_golden():
+    merged = methods.task_arithmetic([vec(1, 2), vec(3, -4)], lam=0.5)
+    assert merged["w"].tolist() == [2.0, -1.0]
+
+
+# ---------------------------------------------------------------- TIES
+
+
+TIES_INPUT = [vec(3, -1, 0.5, 2), vec(-2, -4, 1, 0), vec(1, 2, -3, 0.1)]
+
+
+def test_ties_golden_reference_threshold():
+    # k=0.5, d=4: threshold = 2nd smallest |tau| (reference kthvalue(d - int(d*k))) = 1,
+    # kept |tau| >= 1: [3,-1,0,2], [-2,-4,1,0], [1,2,-3,0]; sum [2,-3,-2,2] elects [+,-,-,+];
+    # dis-mean of agreeing entries: (3+1)/2, (-1-4)/2, -3, 2.
+    merged = methods.ties(TIES_INPUT, lam=1.0, k=0.5)
+    assert merged["w"].tolist() == [2.0, -2.5, -3.0, 2.0]
+
+
+def test_ties_sum_and_max_variants():
+    assert methods.ties(TIES_INPUT, k=0.5, merge="sum")["w"].tolist() == [4.0, -5.0, -3.0, 2.0]
+    assert methods.ties(TIES_INPUT, k=0.5, merge="max")["w"].tolist() == [3.0, -4.0, -3.0, 2.0]
+
+
+def test_ties_zero_sum_coordinate_takes_majority_sign():
+    # coordinate 0 sums to 0; elected signs elsewhere are (+, +), so the majority sign is +
+    merged = methods.ties([vec(1, 2, 3), vec(-1, 1, 1)], lam=1.0, k=1.0)
+    assert merged["w"].tolist() == [1.0, 1.5, 2.0]
+    negative = methods.ties([vec(1, -2, -3), vec(-1, -1, -1)], lam=1.0, k=1.0)
+    assert negative["w"].tolist() == [-1.0, -1.5, -2.0]
+
+
+def test_ties_one_task_k_one_is_task_arithmetic(task_vectors):
+    close(
+        methods.ties(task_vectors[:1], lam=0.7, k=1.0),
+        methods.task_arithmetic(task_vectors[:1], lam=0.7),
+    )
+
+
+def test_ties_same_signs_no_trim_is_mean():
+    tvs = [vec(1, 2, 3), vec(3, 4, 5)]
+    assert methods.ties(tvs, lam=1.0, k=1.0)["w"].tolist() == [2.0, 3.0, 4.0]
+
+
+def test_ties_is_positively_homogeneous(task_vectors):
+    scaled = [vectors.scale(tv, 3.0) for tv in task_vectors]
+    close(
+        methods.ties(scaled), vectors.scale(methods.ties(task_vectors), 3.0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_ties_global_and_per_tensor_differ_as_designed():
+    tvs = [{"a": torch.tensor([10.0, 9.0]), "b": torch.tensor([0.1, 0.2])}]
+    global_ = methods.ties(tvs, k=0.5)  # d=4: keep |tau| >= 2nd smallest (0.2): 10, 9, 0.2
+    per_tensor = methods.ties(tvs, k=0.5, scope="per_tensor")  # per key: both entries kept
+    assert global_["b"].tolist() == pytest.approx([0.0, 0.2])
+    assert per_tensor["b"].tolist() == pytest.approx([0.1, 0.2])
+
+
+# ---------------------------------------------------------------- DARE
+
+
+def test_dare_without_drop_is_task_arithmetic(task_vectors):
+    close(
+        methods.dare(task_vectors, p=0.0, lam=0.4), methods.task_arithmetic(task_vectors, lam=0.4)
+    )
+
+
+def test_dare_ties_without_drop_is_ties(task_vectors):
+    close(
+        methods.dare(task_vectors, p=0.0, base="ties", lam=1.0, k=0.3),
+        methods.ties(task_vectors, lam=1.0, k=0.3),
+    )
+
+
+def test_dare_is_unbiased_over_seeds():
+    tv = {"w": torch.linspace(-1, 1, 200)}
+    mean = sum(methods.dare([tv], lam=1.0, p=0.5, seed=s)["w"] for s in range(400)) / 400
+    torch.testing.assert_close(mean, tv["w"], atol=0.25, rtol=0)
+    single = methods.dare([tv], lam=1.0, p=0.5, seed=0)["w"]
+    kept = single != 0
+    assert 0.35 < kept.float().mean() < 0.65
+    torch.testing.assert_close(single[kept], 2 * tv["w"][kept])  # rescaled by 1/(1-p)
+
+
+def test_dare_masks_ignore_key_order(task_vectors):
+    reordered = [dict(reversed(list(tv.items()))) for tv in task_vectors]
+    a, b = methods.dare(task_vectors, seed=3), methods.dare(reordered, seed=3)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+
+
+# ---------------------------------------------------------------- Breadcrumbs
+
+
+def test_breadcrumbs_golden():
+    # n=10, density 0.8, gamma 0.1: drop the largest 1 and the smallest 1
+    tv = vec(*range(1, 11))
+    merged = methods.breadcrumbs([tv], lam=1.0, density=0.8, gamma=0.1)
+    assert merged["w"].tolist() == [0.0, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+
+
+def test_breadcrumbs_full_density_is_task_arithmetic(task_vectors):
+    close(
+        methods.breadcrumbs(task_vectors, lam=0.3, density=1.0, gamma=0.0),
+        methods.task_arithmetic(task_vectors, lam=0.3),
+    )
+
+
+def test_breadcrumbs_retained_fraction_per_tensor(task_vectors):
+    merged = methods.breadcrumbs(task_vectors[:1], lam=1.0, density=0.7, gamma=0.05)
+    for key, value in merged.items():
+        n = value.numel()
+        assert abs(int((value != 0).sum()) - 0.7 * n) <= 1, key
+
+
+# ---------------------------------------------------------------- MagMax, random mix
+
+
+def test_magmax_golden_later_task_wins_ties_and_sign_kept():
+    merged = methods.magmax([vec(3, -1, 2), vec(-4, 1, -2)], lam=1.0)
+    assert merged["w"].tolist() == [-4.0, 1.0, -2.0]
+
+
+def test_magmax_identical_experts(task_vectors):
+    close(methods.magmax([task_vectors[0]] * 3, lam=1.0), task_vectors[0])
+
+
+def test_random_mix_picks_inputs_and_ignores_key_order(task_vectors):
+    merged = methods.random_mix(task_vectors, lam=1.0, seed=4)
+    for key, value in merged.items():
+        stack = torch.stack([tv[key] for tv in task_vectors])
+        assert ((stack == value).any(dim=0)).all(), key
+    reordered = [dict(reversed(list(tv.items()))) for tv in task_vectors]
+    close(methods.random_mix(reordered, lam=1.0, seed=4), merged, rtol=0, atol=0)
+
+
+def test_random_mix_uses_every_task():
+    tvs = [{"w": torch.full((1000,), float(t))} for t in range(4)]
+    counts = torch.bincount(methods.random_mix(tvs, lam=1.0)["w"].long(), minlength=4)
+    assert (counts > 200).all()
+
+
+# ---------------------------------------------------------------- PCB
+
+
+def test_pcb_single_task_keeps_top_ratio():
+    # one task: balance weights are monotone in |tau|; the 0.6-quantile lies between the 3rd and
+    # 4th smallest, so the two largest magnitudes survive with weight-normalised value tau.
+    merged = methods.pcb([vec(1, -5, 3, -2, 4)], lam=1.0, ratio=0.4, clip=0.0)
+    assert merged["w"].tolist() == [0.0, -5.0, 0.0, 0.0, 4.0]
+
+
+def test_pcb_clips_magnitudes():
+    merged = methods.pcb([vec(*range(1, 102))], lam=1.0, ratio=0.5, clip=0.01)
+    assert merged["w"].max().item() == pytest.approx(100.0)  # 99th percentile of 1..101
+
+
+def test_pcb_no_nan_with_an_all_zero_expert(task_vectors):
+    zero = {k: torch.zeros_like(v) for k, v in task_vectors[0].items()}
+    merged = methods.pcb([zero, *task_vectors[1:]])
+    assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+def test_pcb_keeps_about_ratio_of_entries_per_task():
+    tv = {"w": torch.randn(1000, generator=torch.Generator().manual_seed(0))}
+    merged = methods.pcb([tv], lam=1.0, ratio=0.1)
+    assert abs(int((merged["w"] != 0).sum()) - 100) <= 1
+
+
+# ---------------------------------------------------------------- spectral family
+
+
+def diag_tv(*values, key="w"):
+    return {key: torch.diag(torch.tensor(values, dtype=torch.float32)), "b": torch.tensor(values)}
+
+
+def test_tsv_orthogonal_tasks_sum_and_others_average():
+    merged = methods.tsv_m([diag_tv(2.0, 0.0), diag_tv(0.0, 3.0)], lam=1.0)
+    torch.testing.assert_close(merged["w"], torch.diag(torch.tensor([2.0, 3.0])))
+    torch.testing.assert_close(merged["b"], torch.tensor([1.0, 1.5]))
+
+
+def test_tsv_rank_below_task_count_merges_to_zero():
+    tvs = [{"w": torch.randn(2, 5)} for _ in range(3)]  # r = 2 < 3 tasks: d = 0
+    assert torch.equal(methods.tsv_m(tvs)["w"], torch.zeros(2, 5))
+
+
+def test_iso_c_golden_and_flat_spectrum(task_vectors):
+    merged = methods.iso_c([diag_tv(2.0, 0.0), diag_tv(0.0, 4.0)], lam=1.0)
+    torch.testing.assert_close(merged["w"], torch.diag(torch.tensor([3.0, 3.0])))
+    torch.testing.assert_close(merged["b"], torch.tensor([1.0, 2.0]))
+    flat = methods.iso_c(task_vectors, lam=1.0)
+    for key, value in flat.items():
+        if value.dim() == 2:
+            s = torch.linalg.svdvals(value)
+            total = torch.linalg.svdvals(sum(tv[key] for tv in task_vectors))
+            torch.testing.assert_close(s, torch.full_like(s, total.mean().item()))
+
+
+def test_iso_cts_flat_spectrum_and_full_common_space_is_iso_c(task_vectors):
+    merged = methods.iso_cts(task_vectors, lam=1.0)
+    for key, value in merged.items():
+        if value.dim() == 2:
+            s = torch.linalg.svdvals(value)
+            torch.testing.assert_close(s, torch.full_like(s, s.mean().item()), rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(value, sum(tv[key] for tv in task_vectors) / 3)
+    close(
+        methods.iso_cts(task_vectors, common_space_fraction=1.0),
+        methods.iso_c(task_vectors),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_cart_golden():
+    key = "blocks.0.attn.w"
+    tvs = [diag_tv(6, 0, key=key), diag_tv(0, 6, key=key), diag_tv(3, 0, key=key)]
+    # mean diag(3,2); centred diag(3,-2), diag(-3,4), diag(0,-2); rank-1 parts diag(3,0),
+    # diag(0,4), diag(0,-2) sum to diag(3,2); lam 1 -> diag(6,4). "b" is not attn/mlp: mean.
+    merged = methods.cart(tvs, lam=1.0, rank_ratio=0.5)
+    torch.testing.assert_close(merged[key], torch.diag(torch.tensor([6.0, 4.0])))
+    torch.testing.assert_close(merged["b"], torch.tensor([3.0, 2.0]))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+def test_cart_full_rank_or_zero_lam_is_weight_averaging(task_vectors, lam):
+    average = methods.weight_averaging(task_vectors)
+    close(methods.cart(task_vectors, lam=lam, rank_ratio=1.0), average, rtol=1e-4, atol=1e-5)
+    close(methods.cart(task_vectors, lam=0.0), average)
+
+
+def test_cart_only_touches_attention_and_mlp_weights(task_vectors):
+    merged, average = methods.cart(task_vectors), methods.weight_averaging(task_vectors)
+    changed = sorted(k for k in merged if not torch.allclose(merged[k], average[k]))
+    assert changed == [
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+    ]
+
+
+# ---------------------------------------------------------------- Consensus
+
+
+def test_consensus_golden_drops_selfish_weights():
+    # coordinate 0 is used by tasks 1-2 (kept); coordinate 1 only by task 1 (selfish, dropped)
+    merged = methods.consensus([vec(1, 3), vec(1, 0.1), vec(0.1, 0.1)], lam=1.0)
+    torch.testing.assert_close(merged["w"], torch.tensor([2.1, 0.0]))
+
+
+def test_consensus_k_zero_is_ta_and_k_above_t_is_zero(task_vectors):
+    close(methods.consensus(task_vectors, k=0), methods.task_arithmetic(task_vectors))
+    assert all(
+        torch.equal(v, torch.zeros_like(v)) for v in methods.consensus(task_vectors, k=4).values()
+    )
+
+
+@pytest.mark.parametrize("name", ["ties", "pcb"])
+def test_global_statistics_identical_on_the_streaming_path(name, task_vectors, monkeypatch):
+    """Below 2**20 values a plain sort is used; the radix selection must give the same merge."""
+    sorted_path = METHODS[name](task_vectors)
+    monkeypatch.setattr(stats, "_SORT_BELOW", 0)
+    close(METHODS[name](task_vectors), sorted_path, rtol=0, atol=0)

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from conftest import vit_like
+
+from mergeloom import vectors
+
+
+def with_buffer(state):
+    return {**state, "num_batches_tracked": torch.tensor(7, dtype=torch.int64)}
+
+
+def test_apply_inverts_subtract_and_copies_int_buffers():
+    base, expert = with_buffer(vit_like(0)), with_buffer(vit_like(1))
+    expert["num_batches_tracked"] = torch.tensor(9)
+    delta = vectors.subtract(expert, base)
+    assert "num_batches_tracked" not in delta
+    back = vectors.apply(base, delta)
+    assert back["num_batches_tracked"].item() == 7  # copied from theta_0, not merged
+    for key in vit_like(1):
+        torch.testing.assert_close(back[key], expert[key])
+
+
+def test_apply_inplace_reuses_delta_dict():
+    base, delta = vit_like(0), vit_like(1)
+    out = vectors.apply(base, delta, inplace=True)
+    assert out is delta
+    torch.testing.assert_close(out["proj"], vit_like(0)["proj"] + vit_like(1)["proj"])
+
+
+def test_key_mismatch_names_up_to_five_keys():
+    a = {f"k{i}": torch.zeros(1) for i in range(8)}
+    with pytest.raises(ValueError, match=r"missing \['k0', 'k1', 'k2', 'k3', 'k4'\]"):
+        vectors.check_compatible([a, {}])
+
+
+def test_shape_mismatch_names_key_and_shapes():
+    a, b = {"w": torch.zeros(2, 3)}, {"w": torch.zeros(3, 2)}
+    with pytest.raises(ValueError, match=r"w: \(3, 2\) vs \(2, 3\)"):
+        vectors.check_compatible([a, b])
+
+
+def test_safetensors_round_trip_keeps_values_and_metadata(tmp_path):
+    state = with_buffer(vit_like(0))
+    path = tmp_path / "m.safetensors"
+    vectors.save(state, path, metadata={"arch": "ViT-B-32"})
+    source = vectors.SafetensorsFile(path)
+    assert source.metadata == {"arch": "ViT-B-32"}
+    assert source.shape("proj") == (6, 4)
+    assert vectors.floating_keys(source) == sorted(vit_like(0))
+    loaded = vectors.load(path)
+    assert loaded.keys() == state.keys()
+    for key in state:
+        assert torch.equal(loaded[key], state[key])
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    def killed_mid_write(tensors, filename, metadata):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vectors, "save_file", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        vectors.save(vit_like(0), tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_corrupt_files_name_the_path(tmp_path):
+    with pytest.raises(ValueError, match="not found: .*nope.safetensors"):
+        vectors.SafetensorsFile(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}garbage")
+    with pytest.raises(ValueError, match="cannot read safetensors file .*bad.safetensors"):
+        vectors.SafetensorsFile(bad)
+
+
+def test_nan_names_file_and_key(tmp_path):
+    state = vit_like(0)
+    state["proj"][0, 0] = float("nan")
+    vectors.save(state, tmp_path / "e.safetensors")
+    source = vectors.SafetensorsFile(tmp_path / "e.safetensors")
+    source["conv1.weight"]  # finite keys read fine
+    with pytest.raises(ValueError, match=r"e.safetensors: tensor 'proj' contains NaN or Inf"):
+        source["proj"]
+
+
+def test_lazy_task_vectors_equal_in_memory_subtraction(tmp_path):
+    vectors.save(with_buffer(vit_like(0)), tmp_path / "base.safetensors")
+    vectors.save(with_buffer(vit_like(1)), tmp_path / "expert.safetensors")
+    (tv,) = vectors.load_task_vectors(
+        tmp_path / "base.safetensors", [tmp_path / "expert.safetensors"]
+    )
+    expected = vectors.subtract(vit_like(1), vit_like(0))
+    assert sorted(tv) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(tv[key], expected[key])
+
+
+def test_expert_with_other_keys_is_rejected(tmp_path):
+    vectors.save(vit_like(0), tmp_path / "base.safetensors")
+    other = vit_like(1)
+    other["extra.weight"] = other.pop("proj")
+    vectors.save(other, tmp_path / "expert.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['proj'\], unexpected \['extra.weight'\]"):
+        vectors.load_task_vectors(tmp_path / "base.safetensors", [tmp_path / "expert.safetensors"])
+
+
+def test_cosine_similarity():
+    a = {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0])}
+    c = {"w": torch.tensor([3.0, 3.0]), "b": torch.tensor([0.0])}
+    sim = vectors.cosine_similarity([a, b, c, a])
+    assert torch.allclose(sim, sim.T)
+    assert sim[0, 0] == pytest.approx(1.0) and sim[0, 3] == pytest.approx(1.0)
+    assert sim[0, 1] == pytest.approx(0.0)
+    assert sim[0, 2] == pytest.approx(2**-0.5)

@@ -8,14 +8,14 @@ they work on both, and a merge of T ViT-sized experts holds one key of each expe
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 StateDict = dict[str, torch.Tensor]
 TensorMap = Mapping[str, torch.Tensor]
@@ -23,35 +23,75 @@ TensorMap = Mapping[str, torch.Tensor]
 _MAX_LISTED = 5
 
 
-def is_floating(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point()
-
-
 def check_finite(tensor: torch.Tensor, key: str, source: str) -> torch.Tensor:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    """Raise on NaN/Inf. A finite sum proves every entry finite; only then is it cheap."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum()):
+        return tensor
+    if not torch.isfinite(tensor).all():
         raise ValueError(f"{source}: tensor {key!r} contains NaN or Inf")
     return tensor
 
 
-class SafetensorsFile(Mapping[str, torch.Tensor]):
-    """Read-only mapping over one safetensors file; each access reads one tensor (mmap)."""
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
-    def __init__(self, path: str | os.PathLike):
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """Read-only mapping over one safetensors file; each access reads one tensor.
+
+    Tensors are read with plain file reads rather than safe_open's memory map: pages touched
+    through a map stay in the process's RSS until it is closed (a merge of 8 ViT-B experts
+    then shows ~4.5 GB) and page faults cost ~3.6 s/GB on these machines, while ``readinto``
+    copies from the page cache at memory speed. The header is the format's JSON, validated.
+    ``cache_last`` keeps the last tensor read, for a pretrained file that every task vector
+    subtracts in turn (callers must not modify returned tensors then).
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_last: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"safetensors file not found: {self.path}")
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            self._keys = sorted(self._handle.keys())
-            self._key_set = set(self._keys)
-            self._metadata = self._handle.metadata() or {}
-        except Exception as err:  # safetensors raises several error types for corrupt files
+            self._entries, self._metadata, self._data_start = _read_header(self.path)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read safetensors file {self.path}: {err}") from err
+        self._keys = sorted(self._entries)
+        self._cache_last = cache_last
+        self._last: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
-            raise KeyError(key)
-        return check_finite(self._handle.get_tensor(key), key, str(self.path))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        entry = self._entries[key]
+        start, end = entry["data_offsets"]
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        buffer = bytearray(end - start)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + start)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"cannot read safetensors file {self.path}: {key!r} truncated")
+        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        tensor = check_finite(tensor.reshape(shape), key, str(self.path))
+        if self._cache_last:
+            self._last = (key, tensor)
+        return tensor
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous float32, the key's shape) with no intermediate buffer."""
+        entry = self._entries[key]
+        if entry["dtype"] != "F32" or not out.is_contiguous() or out.dtype != torch.float32:
+            out.copy_(self[key])
+            return
+        start, end = entry["data_offsets"]
+        if end > start:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self._data_start + start)
+                if f.readinto(memoryview(out.reshape(-1).numpy()).cast("B")) != end - start:
+                    raise ValueError(f"cannot read safetensors file {self.path}: {key!r} truncated")
+        check_finite(out, key, str(self.path))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -60,14 +100,35 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(key).get_shape())
+        return tuple(self._entries[key]["shape"])
 
     def dtype(self, key: str) -> str:
-        return self._handle.get_slice(key).get_dtype()
+        return self._entries[key]["dtype"]
 
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+        header = json.loads(f.read(length))
+    metadata = header.pop("__metadata__", None) or {}
+    for key, entry in header.items():
+        start, end = entry["data_offsets"]
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{key!r} has unsupported dtype {entry['dtype']}")
+        numel = math.prod(entry["shape"])
+        if (
+            not 0 <= start <= end <= size - 8 - length
+            or end - start != numel * _DTYPES[entry["dtype"]].itemsize
+        ):
+            raise ValueError(f"{key!r} has data offsets {entry['data_offsets']} that do not fit")
+    return header, metadata, 8 + length
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -99,6 +160,15 @@ class TaskVector(Mapping[str, torch.Tensor]):
         if key not in self._keys:
             raise KeyError(key)
         return self.expert[key].float() - self.pretrained[key].float()
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """tau[key] written into ``out`` in place: merges stack T task vectors per key."""
+        fill = getattr(self.expert, "read_into", None)
+        if fill is None:
+            out.copy_(self.expert[key])
+        else:
+            fill(key, out)
+        out.sub_(self.pretrained[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -182,7 +252,7 @@ def load_task_vectors(
     """Lazy task vectors of expert files against one pretrained file, checked up front."""
     if not experts:
         raise ValueError("expected at least one expert file, got none")
-    base = SafetensorsFile(pretrained)
+    base = SafetensorsFile(pretrained, cache_last=True)
     return [TaskVector(SafetensorsFile(p), base, name=str(p)) for p in experts]
 
 
@@ -192,15 +262,40 @@ def save(
     """Write atomically: a temporary file in the target folder, renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        with os.fdopen(fd, "wb") as f:
+            _write(f, state, metadata or {})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write(f: BinaryIO, state: TensorMap, metadata: Mapping[str, str]) -> None:
+    """The safetensors layout, streamed tensor by tensor (safetensors' own save_file first
+    copies every tensor to bytes, doubling peak memory). Sorted keys, no timestamps: the
+    same tensors always give the same bytes, so DVC sees unchanged outputs as unchanged."""
+    codes = {dtype: code for code, dtype in _DTYPES.items()}
+    header: dict[str, object] = {}
+    offset = 0
+    for key in sorted(state):
+        tensor = state[key]
+        if tensor.dtype not in codes:
+            raise ValueError(f"cannot save {key!r}: unsupported dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        if tensor.numel():
+            f.write(memoryview(tensor.view(torch.uint8).numpy()))
 
 
 def metadata_json(values: Mapping[str, object]) -> dict[str, str]:

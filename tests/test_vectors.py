@@ -1,4 +1,6 @@
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from conftest import vit_like
 
@@ -54,13 +56,40 @@ def test_safetensors_round_trip_keeps_values_and_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
 
 
+def test_files_are_standard_safetensors_and_byte_stable(tmp_path):
+    state = with_buffer(vit_like(0))
+    state["half"] = torch.randn(3, generator=torch.Generator().manual_seed(0)).bfloat16()
+    state["empty"] = torch.zeros(0, 4)
+    vectors.save(state, tmp_path / "a.safetensors", metadata={"method": "ties"})
+    vectors.save(dict(reversed(list(state.items()))), tmp_path / "b.safetensors",
+                 metadata={"method": "ties"})  # fmt: skip
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded = safetensors.torch.load_file(tmp_path / "a.safetensors")
+    assert loaded.keys() == state.keys()
+    for key in state:
+        assert torch.equal(loaded[key], state[key]) and loaded[key].dtype == state[key].dtype
+    with safetensors.safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"method": "ties"}
+    ours = vectors.load(tmp_path / "a.safetensors")
+    assert all(torch.equal(ours[k], state[k]) for k in state)
+    safetensors.torch.save_file({"w": state["proj"]}, tmp_path / "lib.safetensors")
+    assert torch.equal(vectors.load(tmp_path / "lib.safetensors")["w"], state["proj"])
+
+
+def test_read_into_fills_without_allocating(tmp_path):
+    vectors.save(vit_like(0), tmp_path / "a.safetensors")
+    source = vectors.SafetensorsFile(tmp_path / "a.safetensors")
+    out = torch.empty(2, 6, 4)
+    source.read_into("proj", out[1])
+    assert torch.equal(out[1], vit_like(0)["proj"])
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    def killed_mid_write(tensors, filename, metadata):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def killed_mid_write(f, state, metadata):
+        f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vectors, "save_file", killed_mid_write)
+    monkeypatch.setattr(vectors, "_write", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         vectors.save(vit_like(0), tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []

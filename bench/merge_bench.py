@@ -1,0 +1,246 @@
+"""Merge benchmark: wall time and peak RSS of every method on 8 ViT-B-32-shaped experts.
+
+    .venv/bin/python bench/merge_bench.py [--fusionbench] [--methods ties tsv_m ...]
+
+Each measurement runs in its own process (peak RSS from wait4, a watchdog kills runs above
+--rss-limit-gb and records where). "wall_s" is load + merge + save inside the process, without
+interpreter and import start-up, for us and for FusionBench alike (bench/fusionbench_runner.py).
+Weave runs use 20 lambdas (0.05:1.0:0.05), collaborative, with the streaming library and with a
+naive version that materialises every candidate model, side by side in the same run.
+Results: bench/results/merge_bench.json and the table between the markers in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+LAMBDAS = [round(0.05 * i, 2) for i in range(1, 21)]
+FUSIONBENCH_PYTHON = ROOT / ".bench" / "fusionbench-venv" / "bin" / "python"
+FUSIONBENCH_METHODS = ["weight_averaging", "task_arithmetic", "ties", "dare", "magmax", "tsv_m",
+                       "iso_c", "iso_cts"]  # fmt: skip
+WEAVE_METHODS = ["task_arithmetic", "ties"]
+POOLS = ["mean", "random", "max_abs"]
+MARK_START, MARK_END = "<!-- merge_bench:start -->", "<!-- merge_bench:end -->"
+
+
+# ---------------------------------------------------------------- child side (one measurement)
+
+
+def child(kind: str, method: str, pool: str, experts_dir: Path, out: Path) -> None:
+    start = time.perf_counter()
+    from mergeloom import methods, vectors, weave
+
+    import_s = time.perf_counter() - start
+    start = time.perf_counter()
+    experts = sorted(experts_dir.glob("expert_*.safetensors"))
+    pretrained = experts_dir / "pretrained.safetensors"
+    if kind == "naive-weave":
+        delta = naive_weave(method, pool, pretrained, experts)
+    else:
+        task_vectors = vectors.load_task_vectors(pretrained, experts)
+        if kind == "merge":
+            delta = methods.get(method)(task_vectors)
+        else:
+            delta = weave.weave(method, task_vectors, {"lam": LAMBDAS}, pool)
+    merged = vectors.apply(vectors.SafetensorsFile(pretrained), delta, inplace=True)
+    vectors.save(merged, out)
+    print(json.dumps({"wall_s": time.perf_counter() - start, "import_s": import_s}))
+
+
+def naive_weave(method: str, pool: str, pretrained: Path, experts: list[Path]) -> dict:
+    """What a direct implementation does: every task vector and candidate model in memory."""
+    from mergeloom import methods, vectors, weave
+
+    base = vectors.load(pretrained)
+    task_vectors = [vectors.subtract(vectors.load(p), base) for p in experts]
+    candidates = [vectors.apply(base, methods.get(method)(task_vectors, lam=lam))
+                  for lam in LAMBDAS]  # fmt: skip
+    pool_set = task_vectors + [vectors.subtract(c, base) for c in candidates]
+    return weave.get_pool(pool, n_candidates=len(pool_set))(pool_set)
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def measure(cmd: list[str], rss_limit: float) -> dict:
+    """Run one command; peak RSS from wait4, plus a watchdog that kills it above the limit."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        polled, killed, done = [0.0], [False], threading.Event()
+
+        def watch() -> None:
+            handle = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    rss = handle.memory_info().rss / 2**30
+                except psutil.Error:
+                    return
+                polled[0] = max(polled[0], rss)
+                if rss > rss_limit:
+                    killed[0] = True
+                    handle.kill()
+                    return
+                time.sleep(0.1)
+
+        threading.Thread(target=watch, daemon=True).start()
+        start = time.perf_counter()
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child only
+        done.set()
+        process_s = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+        error_tail = err.read().strip().splitlines()[-1:] or [""]
+    peak = max(polled[0], usage.ru_maxrss / 2**20)  # ru_maxrss is in KiB on Linux
+    result = {"process_s": round(process_s, 2), "peak_rss_gb": round(peak, 2)}
+    if killed[0]:
+        return {**result, "status": f"killed at {peak:.1f} GB (limit {rss_limit:g} GB)"}
+    if os.waitstatus_to_exitcode(status) != 0 or not lines:
+        code = os.waitstatus_to_exitcode(status)
+        return {**result, "status": f"failed (exit {code}): {error_tail[0][:200]}"}
+    timings = {k: round(v, 2) for k, v in json.loads(lines[-1]).items() if isinstance(v, float)}
+    return {**result, **timings, "status": "ok"}
+
+
+def ours(kind: str, method: str, pool: str, experts: Path, work: Path, limit: float) -> dict:
+    out = work / f"out_{kind}_{method}_{pool}.safetensors"
+    cmd = [sys.executable, __file__, "--child", kind, method, pool, "--experts-dir", str(experts),
+           "--child-out", str(out)]  # fmt: skip
+    result = measure(cmd, limit)
+    out.unlink(missing_ok=True)
+    return result
+
+
+def fusionbench(method: str, experts: Path, work: Path, limit: float) -> dict:
+    out = work / f"out_fusionbench_{method}.safetensors"
+    files = sorted(str(p) for p in experts.glob("expert_*.safetensors"))
+    cmd = [str(FUSIONBENCH_PYTHON), str(ROOT / "bench" / "fusionbench_runner.py"), "--method",
+           method, "--pretrained", str(experts / "pretrained.safetensors"), "--experts", *files,
+           "--out", str(out)]  # fmt: skip
+    result = measure(cmd, limit)
+    out.unlink(missing_ok=True)
+    return result
+
+
+def fmt(result: dict | None) -> tuple[str, str]:
+    if result is None:
+        return "n/a", "n/a"
+    if result["status"] != "ok":
+        return result["status"], f"{result['peak_rss_gb']:.2f}"
+    return f"{result['wall_s']:.1f}", f"{result['peak_rss_gb']:.2f}"
+
+
+def markdown(results: dict, command: str) -> str:
+    merge, fb = results["merge"], results.get("fusionbench", {})
+    lines = [
+        f"Command: `{command}` ({results['when']}, {results['machine']}); "
+        f"{results['params']:,} params per expert, {results['experts']} experts.",
+        "",
+        "| method | mergeloom s | mergeloom peak RSS GB | FusionBench s | "
+        "FusionBench peak RSS GB | time ratio ours/FB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in merge.items():
+        ours_s, ours_gb = fmt(result)
+        fb_s, fb_gb = fmt(fb.get(name))
+        ok = result["status"] == "ok" and fb.get(name, {}).get("status") == "ok"
+        ratio = f"{result['wall_s'] / fb[name]['wall_s']:.2f}" if ok else "n/a"
+        lines.append(f"| {name} | {ours_s} | {ours_gb} | {fb_s} | {fb_gb} | {ratio} |")
+    lines += [
+        "",
+        "Weave over 20 lambdas (collaborative), streaming vs naive (every candidate "
+        "model in memory); ratio = weave time / one merge of the same method.",
+        "",
+        "| method | pool | weave s | weave GB | weave/merge | naive s | naive GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, result in results["weave"].items():
+        name, pool = key.split("/")
+        naive = results["naive_weave"].get(key)
+        ws, wgb = fmt(result)
+        ns, ngb = fmt(naive)
+        base = merge.get(name)
+        ok = result["status"] == "ok" and base and base["status"] == "ok"
+        ratio = f"{result['wall_s'] / base['wall_s']:.2f}" if ok else "n/a"
+        lines.append(f"| {name} | {pool} | {ws} | {wgb} | {ratio} | {ns} | {ngb} |")
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(table: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
+    head, _, rest = text.partition(MARK_START)
+    _, _, tail = rest.partition(MARK_END)
+    path.write_text(f"{head}{MARK_START}\n{table}\n{MARK_END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "work")
+    ap.add_argument("--experts-dir", type=Path, default=None)
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--fusionbench", action="store_true", help="also run FusionBench")
+    ap.add_argument("--no-weave", dest="weave", action="store_false")
+    ap.add_argument("--rss-limit-gb", type=float, default=16.0)
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "POOL"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    experts = args.experts_dir or args.work_dir / "experts"
+    if args.child:
+        return child(*args.child, experts, args.child_out)
+
+    from mergeloom import methods
+    from mergeloom.vectors import SafetensorsFile
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if not (experts / "expert_7.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_experts.py"), "--out-dir",
+                        str(experts), "--num-experts", "8"], check=True)  # fmt: skip
+    if args.fusionbench:
+        subprocess.run(["bash", str(ROOT / "bench" / "setup_fusionbench.sh")], check=True)
+    names = args.methods or list(methods.METHODS)
+    results: dict = {"merge": {}, "fusionbench": {}, "weave": {}, "naive_weave": {}}
+    for name in names:
+        results["merge"][name] = ours("merge", name, "-", experts, args.work_dir, args.rss_limit_gb)
+        print(name, results["merge"][name], flush=True)
+        if args.fusionbench and name in FUSIONBENCH_METHODS:
+            fb = fusionbench(name, experts, args.work_dir, args.rss_limit_gb)
+            results["fusionbench"][name] = fb
+            print("  fusionbench", fb, flush=True)
+    for name in [n for n in WEAVE_METHODS if n in names] if args.weave else []:
+        for pool in POOLS:
+            key = f"{name}/{pool}"
+            results["weave"][key] = ours("weave", name, pool, experts, args.work_dir,
+                                         args.rss_limit_gb)  # fmt: skip
+            results["naive_weave"][key] = ours("naive-weave", name, pool, experts, args.work_dir,
+                                               args.rss_limit_gb)  # fmt: skip
+            print(key, results["weave"][key], results["naive_weave"][key], flush=True)
+    pretrained = SafetensorsFile(experts / "pretrained.safetensors")
+    memory_gib = psutil.virtual_memory().total / 2**30
+    results.update(
+        params=sum(math.prod(pretrained.shape(k)) for k in pretrained),
+        experts=8,
+        when=time.strftime("%Y-%m-%d"),
+        machine=f"{psutil.cpu_count()} CPUs, {memory_gib:.0f} GiB",
+    )
+    out = ROOT / "bench" / "results" / "merge_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    command = "python bench/merge_bench.py " + " ".join(sys.argv[1:])
+    update_benchmarks_md(markdown(results, command.strip()))
+
+
+if __name__ == "__main__":
+    main()

@@ -165,12 +165,12 @@ def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> S
 # ---------------------------------------------------------------- sign / sparsity family
 
 
-def _disjoint_merge(trimmed: torch.Tensor, majority: torch.Tensor, merge: str) -> torch.Tensor:
-    """TIES steps 2-3 on a (T, *shape) stack: elect sign by mass, merge the agreeing entries."""
-    elected = torch.sign(trimmed.sum(0))
-    elected = torch.where(elected == 0, majority, elected)  # zero-sum coordinates: majority sign
-    agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    selected = trimmed * agrees
+def _disjoint_merge(trimmed: torch.Tensor, elected: torch.Tensor, merge: str) -> torch.Tensor:
+    """TIES step 3 on a (T, ...) stack: merge the entries whose sign is the elected one.
+
+    Modifies ``trimmed`` in place (it is a scratch stack)."""
+    agrees = (trimmed * elected) > 0  # same nonzero sign
+    selected = trimmed.masked_fill_(~agrees, 0.0)
     if merge == "sum":
         return selected.sum(0)
     if merge == "max":
@@ -179,8 +179,9 @@ def _disjoint_merge(trimmed: torch.Tensor, majority: torch.Tensor, merge: str) -
 
 
 def _trim(stack: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """TIES step 1, in place on the scratch stack: keep |tau| >= the task's threshold."""
     view = thresholds.view(-1, *([1] * (stack.dim() - 1)))
-    return stack * (stack.abs() >= view)
+    return stack.masked_fill_(stack.abs() < view, 0.0)
 
 
 def ties(
@@ -216,11 +217,21 @@ def ties(
                 for tv in task_vectors
             ]
         )
-        mass = sum(torch.sign(_trim(stack_of(key), thresholds).sum(0)).sum() for key in group)
-        majority = torch.sign(torch.as_tensor(mass, dtype=torch.float32))
+        # One pass: coordinates whose summed sign is exactly 0 but hold entries wait for the
+        # majority sign of the whole group (reference `resolve_zero_signs`); they are rare.
+        mass, pending = 0.0, []
         for key in _progress(group, "ties") if scope == "global" else group:
-            trimmed = _trim(stack_of(key), thresholds)
-            merged[key] = _disjoint_merge(trimmed, majority, merge) * lam
+            trimmed = _trim(stack_of(key), thresholds)  # (T, *shape)
+            elected = torch.sign(trimmed.sum(0))
+            mass += float(elected.sum())
+            flat, zero = trimmed.reshape(len(trimmed), -1), (elected == 0).view(-1).nonzero()[:, 0]
+            undecided = zero[(flat[:, zero] != 0).any(0)]
+            if len(undecided):
+                pending.append((key, undecided, flat[:, undecided]))
+            merged[key] = _disjoint_merge(trimmed, elected, merge) * lam
+        majority = torch.sign(torch.tensor(mass))
+        for key, index, entries in pending:
+            merged[key].view(-1)[index] = _disjoint_merge(entries, majority, merge) * lam
     return merged
 
 

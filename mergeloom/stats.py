@@ -21,16 +21,17 @@ _SORT_BELOW = 1 << 20  # values; below this a plain sort is faster and small
 
 
 def _sortable(values: torch.Tensor) -> torch.Tensor:
-    """Non-negative int64 keys whose order is the order of the float32 values."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    signed = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
-    return signed + _OFFSET  # in [0, 2**32)
+    """int32 keys whose signed order is the order of the float32 values (a new tensor)."""
+    bits = values.float().contiguous().view(torch.int32)
+    keys = bits >> 31  # -1 for negative floats, else 0
+    keys &= 0x7FFFFFFF
+    keys ^= bits  # negative floats: magnitude bits reversed
+    return keys
 
 
 def _to_float(key: int) -> float:
-    signed = key - _OFFSET
-    bits = signed if signed >= 0 else (-(signed + 1)) | 0x80000000
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 def order_statistics(
@@ -51,25 +52,29 @@ def order_statistics(
     if count * rows <= _SORT_BELOW:
         ordered = torch.cat([c.reshape(rows, -1).float() for c in chunks()], dim=1).sort().values
         return [[ordered[r, k].item() for k in row_ranks] for r, row_ranks in enumerate(ranks)]
-    offsets = torch.arange(rows)[:, None] * _BINS
+    # pass 1: histogram of the high 16 bits of every row
+    offsets = (torch.arange(rows, dtype=torch.int32) * _BINS + _BINS // 2)[:, None]
     high = torch.zeros(rows * _BINS, dtype=torch.int64)
     for chunk in chunks():
-        keys = (offsets + (_sortable(chunk.reshape(rows, -1)) >> 16)).flatten()
-        high += torch.bincount(keys, minlength=rows * _BINS)
+        buckets = _sortable(chunk.reshape(rows, -1))
+        buckets >>= 16
+        buckets += offsets
+        high += torch.bincount(buckets.view(-1), minlength=rows * _BINS)
     high = high.view(rows, _BINS)
     cumulative = high.cumsum(dim=1)
-    wanted = []  # (row, bucket, rank inside bucket)
+    wanted = []  # (row, signed high bits, rank inside that bucket)
     for r, row_ranks in enumerate(ranks):
         for k in row_ranks:
             bucket = int(torch.searchsorted(cumulative[r], k, right=True))
-            wanted.append((r, bucket, k - int(cumulative[r, bucket] - high[r, bucket])))
-    buckets = sorted({(r, b) for r, b, _ in wanted})
-    low = {rb: torch.zeros(_BINS, dtype=torch.int64) for rb in buckets}
+            below = int(cumulative[r, bucket] - high[r, bucket])
+            wanted.append((r, bucket - _BINS // 2, k - below))
+    # pass 2: histogram of the low 16 bits inside each wanted bucket
+    targets = sorted({(r, b) for r, b, _ in wanted})
+    low = {target: torch.zeros(_BINS, dtype=torch.int64) for target in targets}
     for chunk in chunks():
         keys = _sortable(chunk.reshape(rows, -1))
-        for r, b in buckets:
-            row = keys[r]
-            inside = row[(row >> 16) == b]
+        for r, b in targets:
+            inside = keys[r][(keys[r] >> 16) == b]
             low[(r, b)] += torch.bincount(inside & 0xFFFF, minlength=_BINS)
     results: list[list[float]] = [[] for _ in range(rows)]
     for r, b, k in wanted:

@@ -61,6 +61,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self._keys = sorted(self._entries)
         self._cache_last = cache_last
         self._last: tuple[str, torch.Tensor] | None = None
+        self._checked: set[str] = set()  # keys already found finite: merges read keys repeatedly
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == key:
@@ -74,7 +75,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             if f.readinto(buffer) != len(buffer):
                 raise ValueError(f"cannot read safetensors file {self.path}: {key!r} truncated")
         tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        tensor = check_finite(tensor.reshape(shape), key, str(self.path))
+        tensor = self._check(tensor.reshape(shape), key)
         if self._cache_last:
             self._last = (key, tensor)
         return tensor
@@ -91,7 +92,13 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 f.seek(self._data_start + start)
                 if f.readinto(memoryview(out.reshape(-1).numpy()).cast("B")) != end - start:
                     raise ValueError(f"cannot read safetensors file {self.path}: {key!r} truncated")
-        check_finite(out, key, str(self.path))
+        self._check(out, key)
+
+    def _check(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        if key not in self._checked:
+            check_finite(tensor, key, str(self.path))
+            self._checked.add(key)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -43,14 +43,25 @@ METHODS = {
     # config dare/task_arithmetic.yaml (random drop: torch is seeded with --seed)
     "dare": (
         "DareTaskArithmetic",
-        {"scaling_factor": 0.3, "sparsity_ratio": 0.5, "only_on_linear_weights": False,
-         "rescale": True},
+        {
+            "scaling_factor": 0.3,
+            "sparsity_ratio": 0.5,
+            "only_on_linear_weights": False,
+            "rescale": True,
+        },
     ),
     # config dare/ties_merging.yaml
     "dare_ties": (
         "DareTiesMerging",
-        {"sparsity_ratio": 0.5, "only_on_linear_weights": False, "rescale": True,
-         "scaling_factor": 0.5, "threshold": 20, "remove_keys": [], "merge_func": "sum"},
+        {
+            "sparsity_ratio": 0.5,
+            "only_on_linear_weights": False,
+            "rescale": True,
+            "scaling_factor": 0.5,
+            "threshold": 20,
+            "remove_keys": [],
+            "merge_func": "sum",
+        },
     ),
     # config simple_average.yaml (plain weight averaging of the experts)
     "weight_averaging": ("SimpleAverageAlgorithm", {}),
@@ -60,7 +71,7 @@ METHODS = {
 
 
 def load_module(path: str):
-    """Model factory named in the pool's configs: a module whose parameters are the file's tensors."""
+    """Model factory named in the pool's configs: a module whose parameters are the file's."""
     from safetensors.torch import load_file
     from torch import nn
 
@@ -90,13 +101,12 @@ def main() -> None:
 
     import importlib.metadata
 
+    import fusion_bench.method as fb_method
     import lightning as L
     import torch
-    from safetensors.torch import save_file
-
-    import fusion_bench.method as fb_method
     from fusion_bench.mixins import LightningFabricMixin
     from fusion_bench.modelpool import BaseModelPool
+    from safetensors.torch import save_file
 
     import_s = time.perf_counter() - T_START
 
@@ -113,19 +123,26 @@ def main() -> None:
         algorithm._fabric_instance = L.Fabric(accelerator="cpu", devices=1)  # not cuda
         algorithm._fabric_instance.launch()
     merged = algorithm.run(modelpool)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in merged.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in merged.state_dict().items()
+    }
     wall_s = time.perf_counter() - t0
     save_file(state, args.out)
     save_s = time.perf_counter() - t0 - wall_s
 
-    print(json.dumps({
-        "method": args.method,
-        "wall_s": round(wall_s, 3),
-        "import_s": round(import_s, 3),
-        "save_s": round(save_s, 3),
-        "fusionbench_version": importlib.metadata.version("fusion-bench"),
-    }), file=json_out, flush=True)
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "wall_s": round(wall_s, 3),
+                "import_s": round(import_s, 3),
+                "save_s": round(save_s, 3),
+                "fusionbench_version": importlib.metadata.version("fusion-bench"),
+            }
+        ),
+        file=json_out,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

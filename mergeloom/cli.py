@@ -60,13 +60,16 @@ def check_hyperparameters(name: str, given: Sequence[str]) -> None:
 
 
 def _describe(name: str) -> str:
+    """Three lines per method: hyperparameters with defaults, paper, scope."""
     fn = methods.METHODS[name]
-    doc = inspect.getdoc(fn) or ""
-    scope = next((line.strip() for line in doc.splitlines() if "Scope:" in line), "")
+    paragraphs = [" ".join(p.split()) for p in (inspect.getdoc(fn) or "").split("\n\n")]
+    source = next((p for p in paragraphs if p.startswith("Paper:")), "")
+    paper, _, scope = source.partition(" Scope: ")
     params = ", ".join(
         f"{p.name}={p.default!r}" for p in list(inspect.signature(fn).parameters.values())[1:]
     )
-    return f"{name:18s} {params}\n{'':18s} {doc.splitlines()[0]}\n{'':18s} {scope}"
+    pad = " " * 18
+    return f"{name:17s} {params}\n{pad}{paragraphs[0]}\n{pad}{paper}\n{pad}Scope: {scope}"
 
 
 def _common(sub: argparse.ArgumentParser) -> None:

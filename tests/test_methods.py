@@ -442,3 +442,17 @@ def test_global_statistics_identical_on_the_streaming_path(name, task_vectors, m
     sorted_path = METHODS[name](task_vectors)
     monkeypatch.setattr(stats, "_SORT_BELOW", 0)
     close(METHODS[name](task_vectors), sorted_path, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.8, 0.1), (0.5, 0.0), (0.9, 0.2), (1.0, 0.0)])
+def test_breadcrumbs_band_matches_stable_ranking_with_ties(density, gamma):
+    values = torch.randint(-3, 4, (257,), generator=torch.Generator().manual_seed(1)).float()
+    n = values.numel()
+    if gamma >= 1 - density:
+        n_top, n_bottom = round((1 - density) * n), 0
+    else:
+        n_top, n_bottom = round(gamma * n), round((1 - density - gamma) * n)
+    ranks = torch.empty(n, dtype=torch.long)
+    ranks[values.abs().argsort(stable=True)] = torch.arange(n)
+    expected = (ranks >= n_bottom) & (ranks < n - n_top)
+    assert torch.equal(methods._band_mask(values, density, gamma), expected)

@@ -1,0 +1,204 @@
+"""open_clip glue: build a CLIP, move image-encoder weights in and out, zero-shot heads, logits.
+
+Everything goes through open_clip's own calls, so the tiny test config and ViT-B-32 with
+``pretrained='openai'`` take the same path. Images enter as float tensors in [0, 1] and are
+normalized here, so callers never need to know a model's mean and std.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+StateDict = dict[str, torch.Tensor]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+_MAX_LISTED = 5
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def _register_config(path: Path) -> str:
+    """Register a model config JSON with open_clip under its file stem and return that name."""
+    if not path.is_file():
+        raise ValueError(f"model config file not found: {path}")
+    cfg = json.loads(path.read_text())
+    missing = [k for k in _CONFIG_KEYS if k not in cfg]
+    if missing:
+        # open_clip's rescan skips such files silently; say why instead.
+        raise ValueError(f"model config {path} lacks {missing}; an open_clip config needs {_CONFIG_KEYS}")
+    if open_clip.get_model_config(path.stem) != cfg:  # re-registering would grow open_clip's path list
+        open_clip.add_model_config(path)
+    return path.stem
+
+
+def _check_name(name: str, pretrained: str | None) -> None:
+    """Fail with close matches on an unknown architecture or pretrained tag, before any loading."""
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=_MAX_LISTED, cutoff=0.5)
+        hint = f"close matches: {', '.join(close)}" if close else "no close match"
+        raise ValueError(f"unknown open_clip model {name!r}; {hint} (of {len(known)} known)")
+    if pretrained is not None and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ValueError(
+                f"pretrained {pretrained!r} is neither a file nor a tag of {name}; tags: {tags}"
+            )
+
+
+def load_clip(
+    model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu"
+) -> tuple[open_clip.CLIP, Tokenizer]:
+    """Build an open_clip CLIP and its tokenizer, in eval mode.
+
+    Args:
+        model: An open_clip architecture name (``"ViT-B-32"``) or the path of a model config
+            JSON, which is registered with open_clip under its file stem.
+        pretrained: None for random init (seed the global RNG first), a checkpoint file, or an
+            open_clip tag such as ``"openai"`` (read from open_clip's local cache).
+        device: Where the model lives.
+
+    Raises:
+        ValueError: Unknown architecture (close matches are listed), missing config file or
+            unknown pretrained tag.
+    """
+    is_config = model.endswith(".json") or Path(model).is_file()
+    name = _register_config(Path(model)) if is_config else model
+    if ":" not in name:  # hf-hub: / local-dir: schemas are resolved by open_clip itself
+        _check_name(name, pretrained)
+    clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+    return clip.eval(), open_clip.get_tokenizer(name)
+
+
+def _float_state(module: torch.nn.Module) -> StateDict:
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in module.state_dict().items()
+        if v.is_floating_point()
+    }
+
+
+def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` into the float entries of ``module``; keys and shapes must match exactly."""
+    current = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: state does not match the model: {len(missing)} missing keys "
+            f"{missing[:_MAX_LISTED]}, {len(unexpected)} unexpected keys {unexpected[:_MAX_LISTED]}"
+        )
+    for key, dst in current.items():
+        if dst.shape != state[key].shape:
+            raise ValueError(
+                f"{what}: {key!r} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(dst.shape)}"
+            )
+    with torch.no_grad():  # state_dict() tensors share storage with the parameters
+        for key, dst in current.items():
+            dst.copy_(state[key])
+
+
+def image_encoder_state(model: open_clip.CLIP) -> StateDict:
+    """Float tensors of ``model.visual`` (keys relative to it), cloned to the CPU.
+
+    Only the image tower is fine-tuned and merged, so task vectors are taken over these keys.
+    """
+    return _float_state(model.visual)
+
+
+def load_image_encoder(model: open_clip.CLIP, state: Mapping[str, torch.Tensor]) -> None:
+    """Load an image-encoder state into ``model.visual`` in place, strictly.
+
+    Raises:
+        ValueError: Keys differ (missing and unexpected ones are named) or a shape differs.
+    """
+    _load_strict(model.visual, state, "load_image_encoder")
+
+
+def full_state(model: open_clip.CLIP) -> StateDict:
+    """Every float tensor of the whole CLIP, cloned to the CPU (the pretrained checkpoint)."""
+    return _float_state(model)
+
+
+def load_full_state(model: open_clip.CLIP, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a ``full_state`` into ``model`` in place, strictly.
+
+    Raises:
+        ValueError: Keys differ (missing and unexpected ones are named) or a shape differs.
+    """
+    _load_strict(model, state, "load_full_state")
+
+
+def zeroshot_head(
+    model: open_clip.CLIP,
+    tokenizer: Tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    *,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Zero-shot classification head of shape (embed_dim, C), on the CPU.
+
+    Each column is the normalized template-mean text embedding of one class, times
+    ``exp(logit_scale)``, exactly as Task Arithmetic's heads, so ``logits`` needs no extra scale.
+
+    Args:
+        classnames: Class names in label order.
+        templates: Format strings with one ``{}`` or callables taking the class name.
+
+    Raises:
+        ValueError: No class names or no templates.
+    """
+    if not classnames or not templates:
+        raise ValueError(
+            f"zeroshot_head needs class names and templates, got {len(classnames)} class names "
+            f"and {len(templates)} templates"
+        )
+    model.eval()
+    head = open_clip.build_zero_shot_classifier(
+        model, tokenizer, list(classnames), list(templates), device=device
+    )
+    with torch.no_grad():
+        return (head * model.logit_scale.exp()).float().cpu().contiguous()
+
+
+def normalize_images(model: open_clip.CLIP, images: torch.Tensor) -> torch.Tensor:
+    """Map (N, 3, S, S) images in [0, 1] to the model's input: resized if S differs, then
+    standardized with the model's mean and std (OpenAI's when the model carries none).
+    """
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", model.visual.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) != size:
+        # open_clip's val transform resizes with bicubic; clamp its overshoot back into [0, 1].
+        images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN), device=images.device)
+    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD), device=images.device)
+    return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def logits(model: open_clip.CLIP, head: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Class logits (N, C): L2-normalized image features of raw [0, 1] images times the head."""
+    features = model.encode_image(normalize_images(model, images), normalize=True)  # (N, e)
+    return features @ head
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Resolve a device name; ``"auto"`` is CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: CUDA was asked for but is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False")
+    return device

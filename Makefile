@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: repro test lint bench clean-venv
+.PHONY: repro test pipeline bench clean-venv
 
 $(BIN)/mergeloom: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,13 +12,18 @@ $(BIN)/mergeloom: requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-repro: $(BIN)/mergeloom
-	$(BIN)/dvc repro
+# dvc.yaml is generated from params.yaml (exact file deps per task); regenerate, then reproduce.
+pipeline: $(BIN)/mergeloom
+	$(BIN)/python -m stages.pipeline
+
+# Stage commands call `python`: the venv's, first on PATH.
+repro: pipeline
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(BIN)/mergeloom
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
 bench: $(BIN)/mergeloom
 	$(BIN)/python bench/merge_bench.py

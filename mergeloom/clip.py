@@ -31,25 +31,29 @@ def _register_config(path: Path) -> str:
     missing = [k for k in _CONFIG_KEYS if k not in cfg]
     if missing:
         # open_clip's rescan skips such files silently; say why instead.
-        raise ValueError(f"model config {path} lacks {missing}; an open_clip config needs {_CONFIG_KEYS}")
-    if open_clip.get_model_config(path.stem) != cfg:  # re-registering would grow open_clip's path list
+        raise ValueError(
+            f"model config {path} lacks {missing}; an open_clip config needs {_CONFIG_KEYS}"
+        )
+    # Register only when needed: each add_model_config call grows open_clip's search path list.
+    if open_clip.get_model_config(path.stem) != cfg:
         open_clip.add_model_config(path)
     return path.stem
 
 
+def _unknown(what: str, name: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, known, n=_MAX_LISTED, cutoff=0.5)
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    return ValueError(f"unknown {what} {name!r}; {hint} (of {len(known)} known)")
+
+
 def _check_name(name: str, pretrained: str | None) -> None:
     """Fail with close matches on an unknown architecture or pretrained tag, before any loading."""
-    known = open_clip.list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=_MAX_LISTED, cutoff=0.5)
-        hint = f"close matches: {', '.join(close)}" if close else "no close match"
-        raise ValueError(f"unknown open_clip model {name!r}; {hint} (of {len(known)} known)")
+    if name not in open_clip.list_models():
+        raise _unknown("open_clip model", name, open_clip.list_models())
     if pretrained is not None and not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
-            raise ValueError(
-                f"pretrained {pretrained!r} is neither a file nor a tag of {name}; tags: {tags}"
-            )
+            raise _unknown(f"pretrained tag (and not a file) for {name}:", pretrained, tags)
 
 
 def load_clip(
@@ -152,6 +156,7 @@ def zeroshot_head(
     Args:
         classnames: Class names in label order.
         templates: Format strings with one ``{}`` or callables taking the class name.
+        device: Where ``model`` lives; the tokenized prompts are sent there.
 
     Raises:
         ValueError: No class names or no templates.

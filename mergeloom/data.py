@@ -226,11 +226,14 @@ def _everything(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones_like(labels, dtype=torch.bool), labels
 
 
+def _relabel_all(relabel: Callable, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _everything(relabel(labels))
+
+
 def _task(
     name: str,
     classnames: Sequence[str],
     templates: Sequence[str],
-    *,
     splits: Splits,
     image_size: int,
     transform: Transform = _identity,
@@ -260,19 +263,23 @@ def multitask_tasks(
     """The named MULTITASK tasks, in the order given; ``seed`` only drives the noise."""
     _check_names("task", names, MULTITASK)
     _check_image_size(image_size)
-    return [
-        _task(
-            name,
-            MULTITASK[name].classnames,
-            MULTITASK[name].templates,
-            splits=splits,
-            image_size=image_size,
-            transform=MULTITASK[name].transform,
-            seed=seed,
-            select=lambda y, relabel=MULTITASK[name].relabel: _everything(relabel(y)),
+    tasks = []
+    for name in names:
+        spec = MULTITASK[name]
+        select = functools.partial(_relabel_all, spec.relabel)
+        tasks.append(
+            _task(
+                name,
+                spec.classnames,
+                spec.templates,
+                splits,
+                image_size,
+                spec.transform,
+                seed,
+                select,
+            )
         )
-        for name in names
-    ]
+    return tasks
 
 
 def continual_tasks(
@@ -304,8 +311,8 @@ def continual_tasks(
                 f"split{t}",
                 [DIGIT_NAMES[c] for c in classes],
                 GENERIC_TEMPLATES,
-                splits=splits,
-                image_size=image_size,
+                splits,
+                image_size,
                 select=lambda y, c=classes: (torch.isin(y, c), torch.searchsorted(c, y)),
             )
         )
@@ -315,7 +322,7 @@ def continual_tasks(
 def full_test(*, image_size: int = 16, splits: Splits) -> Task:
     """``all_digits``: plain 10-way digits over every split, for task-agnostic evaluation."""
     _check_image_size(image_size)
-    return _task("all_digits", DIGIT_NAMES, GENERIC_TEMPLATES, splits=splits, image_size=image_size)
+    return _task("all_digits", DIGIT_NAMES, GENERIC_TEMPLATES, splits, image_size)
 
 
 def domain_tasks(
@@ -325,15 +332,7 @@ def domain_tasks(
     _check_names("domain", domains, DOMAINS)
     _check_image_size(image_size)
     return [
-        _task(
-            d,
-            DIGIT_NAMES,
-            GENERIC_TEMPLATES,
-            splits=splits,
-            image_size=image_size,
-            transform=DOMAINS[d],
-            seed=seed,
-        )
+        _task(d, DIGIT_NAMES, GENERIC_TEMPLATES, splits, image_size, DOMAINS[d], seed)
         for d in domains
     ]
 

@@ -110,7 +110,7 @@ def expand_grid(search_space: Mapping[str, Sequence[object]]) -> list[dict[str, 
     ]
 
 
-def _lam_views(
+def lambda_candidates(
     name: str,
     task_vectors: Sequence[TensorMap],
     lambdas: Sequence[float],
@@ -172,7 +172,7 @@ def weave(
     raw = list(task_vectors) if collaborative else []
     if closed_form and set(search_space) == {"lam"}:
         lambdas = [float(point["lam"]) for point in grid]
-        return pool_fn(raw + _lam_views(method, task_vectors, lambdas, hyperparameters))
+        return pool_fn(raw + lambda_candidates(method, task_vectors, lambdas, hyperparameters))
     with tempfile.TemporaryDirectory(prefix="mergeloom-weave-", dir=spill_dir) as tmp:
         spilled = []
         for i, point in enumerate(grid):

@@ -1,0 +1,229 @@
+"""Shared wiring of the stage scripts: params (validated), JSON, task files, the model.
+
+The one place params.yaml is read. Each stage asks for the sections it uses; they are checked
+before any work, and a bad value fails with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from mergeloom import data, vectors
+from mergeloom.data import Split, Task
+
+PARAMS = Path("params.yaml")
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("stages")
+
+
+# ---------------------------------------------------------------- params
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _numbers(v: object) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(_is_number(x) for x in v)
+
+
+def _names(known: Sequence[str], minimum: int = 1) -> Callable[[object], bool]:
+    def check(v: object) -> bool:
+        ok = isinstance(v, list) and len(v) >= minimum and len(set(v)) == len(v)
+        return ok and all(x in known for x in v)
+
+    return check
+
+
+METHOD_NAMES = [
+    "weight_averaging",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "magmax",
+    "random_mix",
+    "pcb",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "cart",
+    "consensus",
+]
+POOL_NAMES = ["mean", "random", "max_abs", *METHOD_NAMES]  # tests check both against the library
+RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "model.name": (lambda v: isinstance(v, str) and v != "", "an open_clip name or config path"),
+    "model.pretrained": (lambda v: v is None or isinstance(v, str), "null or a tag/path"),
+    "model.device": (
+        lambda v: v in ("auto", "cpu") or str(v).startswith("cuda"),
+        "auto, cpu or cuda[:N]",
+    ),  # fmt: skip
+    "data.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
+    "data.val_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "data.test_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "data.seed": (_is_int, "an integer"),
+    "setups.multitask.tasks": (_names(list(data.MULTITASK)), f"a list of {list(data.MULTITASK)}"),
+    "setups.continual.class_order": (
+        lambda v: isinstance(v, list) and sorted(v) == list(range(10)),
+        "a permutation of 0..9",
+    ),  # fmt: skip
+    "setups.continual.n_tasks": (lambda v: _is_int(v) and 2 <= v <= 10, "an integer in 2..10"),
+    "setups.domains.domains": (_names(list(data.DOMAINS), 2), f"2+ of {list(data.DOMAINS)}"),
+    "merge.methods": (
+        lambda v: isinstance(v, dict) and len(v) > 0 and set(v) <= set(METHOD_NAMES),
+        f"a non-empty mapping with keys among {METHOD_NAMES}",
+    ),  # fmt: skip
+    "sweep.lambdas": (_numbers, "a non-empty list of numbers"),
+    "weave.methods": (
+        lambda v: isinstance(v, list) and all(m in METHOD_NAMES for m in v),
+        f"a list of {METHOD_NAMES}",
+    ),  # fmt: skip
+    "weave.pools": (_names(POOL_NAMES), f"a non-empty list of {POOL_NAMES}"),
+    "weave.lambdas": (_numbers, "a non-empty list of numbers"),
+    "weave.collaborative": (lambda v: isinstance(v, bool), "true or false"),
+    "weave.seed": (_is_int, "an integer"),
+    "evaluate.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+}
+for _section in ("pretrain", "finetune"):
+    RULES |= {
+        f"{_section}.steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        f"{_section}.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        f"{_section}.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        f"{_section}.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        f"{_section}.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        f"{_section}.seed": (_is_int, "an integer"),
+    }
+
+
+def _lookup(params: Mapping, dotted: str) -> object:
+    node: object = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ValueError(f"params.yaml: missing key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def load_params(*sections: str, path: Path = PARAMS) -> dict:
+    """The named top-level sections of params.yaml, validated against RULES."""
+    params = yaml.safe_load(path.read_text()) or {}
+    for key, (ok, allowed) in RULES.items():
+        if key.split(".")[0] in sections and not ok(value := _lookup(params, key)):
+            raise ValueError(f"params.yaml: {key} = {value!r} is invalid; expected {allowed}")
+    if "merge" in sections:
+        from mergeloom import methods  # here, so stages without merges do not depend on it
+
+        for name, kwargs in params["merge"]["methods"].items():
+            try:
+                inspect.signature(methods.METHODS[name]).bind([], **(kwargs or {}))
+            except TypeError as err:
+                raise ValueError(f"params.yaml: merge.methods.{name}: {err}") from err
+    if "weave" in sections and "merge" in sections:
+        missing = [m for m in params["weave"]["methods"] if m not in params["merge"]["methods"]]
+        if missing:
+            raise ValueError(f"params.yaml: weave.methods {missing} are not in merge.methods")
+    return {s: params[s] for s in sections}
+
+
+def continual_splits(setup: Mapping) -> dict[str, list[int]]:
+    """split name -> its classes, as mergeloom.data.continual_tasks cuts class_order."""
+    order, n = setup["class_order"], setup["n_tasks"]
+    return {f"split{t}": sorted(order[10 * t // n : 10 * (t + 1) // n]) for t in range(n)}
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Sorted keys (stable diffs for `dvc metrics diff`), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_task(task: Task, path: Path) -> None:
+    tensors = {f"{s}_{part}": getattr(getattr(task, s), part)
+               for s in ("train", "val", "test") for part in ("images", "labels")}  # fmt: skip
+    meta = {"name": task.name, "classnames": list(task.classnames),
+            "templates": list(task.templates)}  # fmt: skip
+    vectors.save(tensors, path, metadata=vectors.metadata_json(meta))
+
+
+def load_task(path: str | os.PathLike) -> Task:
+    source = vectors.SafetensorsFile(path)
+    meta = source.metadata
+    splits = {s: Split(source[f"{s}_images"], source[f"{s}_labels"])
+              for s in ("train", "val", "test")}  # fmt: skip
+    return Task(meta["name"], tuple(json.loads(meta["classnames"])),
+                tuple(json.loads(meta["templates"])), **splits)  # fmt: skip
+
+
+def task_name(path: str | os.PathLike) -> str:
+    """Inside a folder argument, files are named <task or method>.safetensors."""
+    return Path(path).name.removesuffix(".safetensors")
+
+
+def check_matches(what: str, given: Sequence[str], expected: Sequence[str]) -> None:
+    if list(given) != list(expected):
+        raise ValueError(
+            f"{what}: dvc.yaml passes {list(given)} but params.yaml lists {list(expected)}; "
+            "run `make pipeline` to regenerate dvc.yaml"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- evaluation setups
+
+
+def add_setup_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--setup", required=True, choices=["multitask", "continual", "domains"])
+    parser.add_argument("--pretrained", type=Path, required=True, help="full CLIP state")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="evaluated tasks")
+    parser.add_argument("--heads", type=Path, nargs="+", required=True, help="their heads")
+
+
+def load_setup(args: argparse.Namespace, p: Mapping) -> tuple:
+    """The model at theta_0 (and its device) plus the setup's merge problems."""
+    from mergeloom import clip, protocol
+
+    model, _ = clip.load_clip(p["model"]["name"])
+    clip.load_full_state(model, vectors.load(args.pretrained))
+    tasks = [load_task(path) for path in args.data]
+    heads = {task_name(path): vectors.load(path)["head"] for path in args.heads}
+    setup = p["setups"][args.setup]
+    if args.setup == "multitask":
+        check_matches("multitask tasks", [t.name for t in tasks], setup["tasks"])
+        problems = protocol.multitask_problems(tasks, heads)
+    elif args.setup == "continual":
+        problems = protocol.continual_problems(continual_splits(setup), tasks[0],
+                                               heads["all_digits"])  # fmt: skip
+    else:
+        check_matches("domains", [t.name for t in tasks], setup["domains"])
+        problems = protocol.domain_problems(tasks, heads)
+    return model, clip.pick_device(p["model"]["device"]), problems
+
+
+def load_task_vectors(paths: Sequence[Path]) -> dict[str, vectors.StateDict]:
+    return {task_name(path): vectors.load(path) for path in paths}

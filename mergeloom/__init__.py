@@ -1,12 +1,14 @@
-"""mergeloom: data-free model merging and Weight Weaving on dicts of tensors."""
+"""mergeloom: data-free model merging and Weight Weaving on dicts of tensors.
+
+Weight Weaving lives in ``mergeloom.weave`` (``from mergeloom.weave import weave``): not
+re-exported here, so that ``from mergeloom import weave`` is the module.
+"""
 
 from mergeloom.methods import METHODS, get
 from mergeloom.vectors import StateDict, TaskVector, apply, load, load_task_vectors, save
-from mergeloom.weave import POOLS, weave
 
 __all__ = [
     "METHODS",
-    "POOLS",
     "StateDict",
     "TaskVector",
     "apply",
@@ -14,5 +16,4 @@ __all__ = [
     "load",
     "load_task_vectors",
     "save",
-    "weave",
 ]

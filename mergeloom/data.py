@@ -26,8 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 # (images (N, 1, S, S) in [0, 1], dataset indices (N,), seed) -> images of the same shape
 Transform = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -152,6 +150,8 @@ MULTITASK: dict[str, TaskSpec] = {
 @functools.cache
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 images (N, 8, 8) scaled to [0, 1] and labels (N,); read once, never mutated."""
+    from sklearn.datasets import load_digits  # here: importing sklearn costs every stage ~1 s
+
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
     return images, torch.from_numpy(bunch.target.astype(np.int64))
@@ -177,6 +177,8 @@ def digit_splits(
             f"val_fraction + test_fraction must be < 1 to leave training data, "
             f"got {val_fraction} + {test_fraction}"
         )
+    from sklearn.model_selection import train_test_split
+
     labels = _digits()[1].numpy()
     rest, test = train_test_split(
         np.arange(N_IMAGES), test_size=test_fraction, stratify=labels, random_state=seed

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
 import open_clip
 import torch
 
-from mergeloom.clip import logits
+from mergeloom.clip import load_image_encoder, logits
+
+if TYPE_CHECKING:
+    from mergeloom.protocol import EvalSet
 
 
 def predict(
@@ -62,3 +68,30 @@ def accuracy(
         )
     preds = predict(model, head, images, batch_size=batch_size, device=device)
     return (preds == labels.cpu()).float().mean().item()
+
+
+def score(
+    model: open_clip.CLIP,
+    visual: Mapping[str, torch.Tensor],
+    eval_sets: Sequence[EvalSet],
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    splits: Sequence[str] = ("val", "test"),
+) -> dict[str, dict[str, float]]:
+    """Accuracy on each split of each set, with ``visual`` loaded as the image encoder."""
+    load_image_encoder(model, visual)
+    return {
+        s.name: {
+            split: accuracy(
+                model,
+                s.head,
+                getattr(s, split).images,
+                getattr(s, split).labels,
+                batch_size=batch_size,
+                device=device,
+            )
+            for split in splits
+        }
+        for s in eval_sets
+    }

@@ -16,11 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from open_clip import CLIP
 
-from mergeloom.clip import load_image_encoder
 from mergeloom.data import Split, Task
-from mergeloom.evaluate import accuracy
 
 
 @dataclass(frozen=True)
@@ -71,32 +68,6 @@ def domain_problems(tasks: Sequence[Task], heads: Mapping[str, torch.Tensor]) ->
         sets = (EvalSet(held_out.name, heads[held_out.name], held_out.val, held_out.test),)
         problems.append(Problem(held_out.name, others, sets, primary=(held_out.name,)))
     return problems
-
-
-def score(
-    model: CLIP,
-    visual: Mapping[str, torch.Tensor],
-    eval_sets: Sequence[EvalSet],
-    *,
-    batch_size: int,
-    device: str | torch.device,
-) -> dict[str, dict[str, float]]:
-    """Accuracy on val and test of each set, with ``visual`` loaded as the image encoder."""
-    load_image_encoder(model, visual)
-    return {
-        s.name: {
-            split: accuracy(
-                model,
-                s.head,
-                getattr(s, split).images,
-                getattr(s, split).labels,
-                batch_size=batch_size,
-                device=device,
-            )  # fmt: skip
-            for split in ("val", "test")
-        }
-        for s in eval_sets
-    }
 
 
 def eval_sets_of(problems: Sequence[Problem]) -> list[EvalSet]:

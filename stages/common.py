@@ -6,7 +6,6 @@ before any work, and a bad value fails with the key, the value and what is allow
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import logging
@@ -177,53 +176,67 @@ def load_task(path: str | os.PathLike) -> Task:
                 tuple(json.loads(meta["templates"])), **splits)  # fmt: skip
 
 
-def task_name(path: str | os.PathLike) -> str:
-    """Inside a folder argument, files are named <task or method>.safetensors."""
-    return Path(path).name.removesuffix(".safetensors")
+def check_pipeline() -> None:
+    """Fail early when dvc.yaml was generated from other task lists than params.yaml holds."""
+    from stages import pipeline
 
-
-def check_matches(what: str, given: Sequence[str], expected: Sequence[str]) -> None:
-    if list(given) != list(expected):
-        raise ValueError(
-            f"{what}: dvc.yaml passes {list(given)} but params.yaml lists {list(expected)}; "
-            "run `make pipeline` to regenerate dvc.yaml"
-        )
+    if Path("dvc.yaml").exists() and Path("dvc.yaml").read_text() != pipeline.render():
+        raise ValueError("dvc.yaml is out of date with params.yaml: run `make pipeline`")
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------- evaluation setups
+# ---------------------------------------------------------------- units of evaluation
 
 
-def add_setup_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--setup", required=True, choices=["multitask", "continual", "domains"])
-    parser.add_argument("--pretrained", type=Path, required=True, help="full CLIP state")
-    parser.add_argument("--data", type=Path, nargs="+", required=True, help="evaluated tasks")
-    parser.add_argument("--heads", type=Path, nargs="+", required=True, help="their heads")
+def units(setups: Mapping) -> dict[str, tuple[str, list[str]]]:
+    """unit -> (setup, expert names). A unit is one set of experts merged and evaluated."""
+    splits = list(continual_splits(setups["continual"]))
+    return {
+        "multitask": ("multitask", list(setups["multitask"]["tasks"])),
+        "continual": ("continual", splits),
+        "continual_sequential": ("continual", splits),
+        "domains": ("domains", list(setups["domains"]["domains"])),
+    }
 
 
-def load_setup(args: argparse.Namespace, p: Mapping) -> tuple:
-    """The model at theta_0 (and its device) plus the setup's merge problems."""
-    from mergeloom import clip, protocol
+def evaluated(setup: str, tasks: Sequence[str]) -> list[str]:
+    """Task files a setup is scored on: continual uses the 10-way ``all_digits`` task."""
+    return ["all_digits"] if setup == "continual" else list(tasks)
+
+
+def load_model(p: Mapping, pretrained: Path) -> tuple:
+    """The pretrained CLIP (image encoder swapped per evaluation) and the device."""
+    from mergeloom import clip
 
     model, _ = clip.load_clip(p["model"]["name"])
-    clip.load_full_state(model, vectors.load(args.pretrained))
-    tasks = [load_task(path) for path in args.data]
-    heads = {task_name(path): vectors.load(path)["head"] for path in args.heads}
-    setup = p["setups"][args.setup]
-    if args.setup == "multitask":
-        check_matches("multitask tasks", [t.name for t in tasks], setup["tasks"])
-        problems = protocol.multitask_problems(tasks, heads)
-    elif args.setup == "continual":
-        problems = protocol.continual_problems(continual_splits(setup), tasks[0],
-                                               heads["all_digits"])  # fmt: skip
-    else:
-        check_matches("domains", [t.name for t in tasks], setup["domains"])
-        problems = protocol.domain_problems(tasks, heads)
-    return model, clip.pick_device(p["model"]["device"]), problems
+    clip.load_full_state(model, vectors.load(pretrained))
+    return model, clip.pick_device(p["model"]["device"])
 
 
-def load_task_vectors(paths: Sequence[Path]) -> dict[str, vectors.StateDict]:
-    return {task_name(path): vectors.load(path) for path in paths}
+def problems(setup: str, tasks: Sequence[str], p: Mapping, data_dir: Path,
+             heads_dir: Path) -> list:  # fmt: skip
+    """The merge problems of one unit (mergeloom.protocol), read from the data and heads."""
+    from mergeloom import protocol
+
+    names = evaluated(setup, tasks)
+    loaded = [load_task(data_dir / setup / f"{n}.safetensors") for n in names]
+    heads = {n: vectors.load(heads_dir / setup / f"{n}.safetensors")["head"] for n in names}
+    if setup == "multitask":
+        return protocol.multitask_problems(loaded, heads)
+    if setup == "continual":
+        splits = continual_splits(p["setups"]["continual"])
+        return protocol.continual_problems(splits, loaded[0], heads["all_digits"])
+    return protocol.domain_problems(loaded, heads)
+
+
+def load_dir(folder: Path, names: Sequence[str]) -> dict[str, vectors.StateDict]:
+    """{name: state} of <folder>/<name>.safetensors, exactly the names given."""
+    return {name: vectors.load(folder / f"{name}.safetensors") for name in names}
+
+
+def task_name(path: str | os.PathLike) -> str:
+    """Inside a folder argument, files are named <task or method>.safetensors."""
+    return Path(path).name.removesuffix(".safetensors")

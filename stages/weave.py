@@ -1,13 +1,14 @@
-"""Weight Weaving of every lambda-scaled method with every pool, for each problem, scored.
+"""Weight Weaving of every lambda-scaled method with every pool, for every merge problem.
 
-python -m stages.weave --setup multitask ... --task-vectors ... \
-        --metrics metrics/multitask/weave.json
+    python -m stages.weave --pretrained models/pretrained.safetensors \
+        --pretrained-visual models/pretrained_visual.safetensors --data-dir data \
+        --heads-dir models/heads --task-vectors-dir models/task_vectors --metrics-dir metrics
 """
 
 import argparse
 from pathlib import Path
 
-from mergeloom import protocol, vectors, weave
+from mergeloom import evaluate, vectors, weave
 from stages import common
 
 
@@ -17,36 +18,33 @@ def _without_lam(hyperparameters: dict | None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_setup_args(parser)
-    parser.add_argument("--pretrained-visual", type=Path, required=True)
-    parser.add_argument("--task-vectors", type=Path, nargs="+", required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
+    for name in ("--pretrained", "--pretrained-visual", "--data-dir", "--heads-dir",
+                 "--task-vectors-dir", "--metrics-dir"):  # fmt: skip
+        parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
+    common.check_pipeline()
     p = common.load_params("model", "setups", "merge", "weave", "evaluate")
-    model, device, problems = common.load_setup(args, p)
     cfg, merge_hp = p["weave"], p["merge"]["methods"]
+    model, device = common.load_model(p, args.pretrained)
     base = vectors.load(args.pretrained_visual)
-    task_vectors = common.load_task_vectors(args.task_vectors)
-    results: dict = {}
-    for problem in problems:
-        members = [task_vectors[name] for name in problem.members]
-        for name in cfg["methods"]:
-            for pool in cfg["pools"]:
-                delta = weave.weave(name, members, {"lam": cfg["lambdas"]}, pool,
-                                    collaborative=cfg["collaborative"], seed=cfg["seed"],
-                                    pool_hyperparameters=_without_lam(merge_hp.get(pool)),
-                                    **_without_lam(merge_hp[name]))  # fmt: skip
-                scores = protocol.score(
-                    model,
-                    vectors.apply(base, delta),
-                    problem.eval_sets,
-                    device=device,
-                    batch_size=p["evaluate"]["batch_size"],
-                )
-                lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
-                results.setdefault(problem.name, {}).setdefault(name, {})[pool] = {
-                    "scores": scores, "effective_lam": lam_eff}  # fmt: skip
-    common.write_json(args.metrics, results)
+    for unit, (setup, tasks) in common.units(p["setups"]).items():
+        task_vectors = common.load_dir(args.task_vectors_dir / unit, tasks)
+        results: dict = {}
+        for problem in common.problems(setup, tasks, p, args.data_dir, args.heads_dir):
+            members = [task_vectors[n] for n in problem.members]
+            lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
+            for name in cfg["methods"]:
+                for pool in cfg["pools"]:
+                    delta = weave.weave(name, members, {"lam": cfg["lambdas"]}, pool,
+                                        collaborative=cfg["collaborative"], seed=cfg["seed"],
+                                        pool_hyperparameters=_without_lam(merge_hp.get(pool)),
+                                        **_without_lam(merge_hp[name]))  # fmt: skip
+                    scores = evaluate.score(model, vectors.apply(base, delta), problem.eval_sets,
+                                            device=device, splits=("test",),
+                                            batch_size=p["evaluate"]["batch_size"])  # fmt: skip
+                    results.setdefault(problem.name, {}).setdefault(name, {})[pool] = {
+                        "scores": scores, "effective_lam": lam_eff}  # fmt: skip
+        common.write_json(args.metrics_dir / unit / "weave.json", results)
 
 
 if __name__ == "__main__":

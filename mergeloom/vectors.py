@@ -273,10 +273,18 @@ def save(
     try:
         with os.fdopen(fd, "wb") as f:
             _write(f, state, metadata or {})
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """mkstemp creates 0600 files; give the renamed result the permissions open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write(f: BinaryIO, state: TensorMap, metadata: Mapping[str, str]) -> None:

@@ -136,8 +136,8 @@ def weave(
     seed: int = 0,
     closed_form: bool = True,
     spill_dir: str | Path | None = None,
+    hyperparameters: Mapping[str, object] | None = None,
     pool_hyperparameters: Mapping[str, object] | None = None,
-    **hyperparameters,
 ) -> StateDict:
     """Merged task vector of Weight Weaving with base ``method`` over ``search_space``.
 
@@ -149,10 +149,12 @@ def weave(
         closed_form: Use the lam-linear/affine views when the grid is over lam only; False
             merges every candidate explicitly (same result, for checking).
         spill_dir: Where explicit candidates are spilled (default: system temp).
+        hyperparameters: Fixed hyperparameters of ``method`` (a mapping, not keywords: a
+            method's own ``seed`` must not collide with the pool's).
         pool_hyperparameters: Hyperparameters of a method used as the pool.
-        hyperparameters: Fixed hyperparameters of ``method``.
     """
     base = methods.get(method)
+    hyperparameters = dict(hyperparameters or {})
     grid = expand_grid(search_space)
     both = sorted(set(search_space) & set(hyperparameters))
     if both:

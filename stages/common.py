@@ -156,6 +156,7 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+    vectors.make_readable(tmp)
     os.replace(tmp, path)
 
 

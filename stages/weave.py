@@ -35,10 +35,16 @@ def main(argv: list[str] | None = None) -> None:
             lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
             for name in cfg["methods"]:
                 for pool in cfg["pools"]:
-                    delta = weave.weave(name, members, {"lam": cfg["lambdas"]}, pool,
-                                        collaborative=cfg["collaborative"], seed=cfg["seed"],
-                                        pool_hyperparameters=_without_lam(merge_hp.get(pool)),
-                                        **_without_lam(merge_hp[name]))  # fmt: skip
+                    delta = weave.weave(
+                        name,
+                        members,
+                        {"lam": cfg["lambdas"]},
+                        pool,
+                        collaborative=cfg["collaborative"],
+                        seed=cfg["seed"],
+                        hyperparameters=_without_lam(merge_hp[name]),
+                        pool_hyperparameters=_without_lam(merge_hp.get(pool)),
+                    )
                     scores = evaluate.score(model, vectors.apply(base, delta), problem.eval_sets,
                                             device=device, splits=("test",),
                                             batch_size=p["evaluate"]["batch_size"])  # fmt: skip

@@ -103,7 +103,7 @@ def test_grid_over_another_hyperparameter(task_vectors, tmp_path):
         "mean",
         collaborative=False,
         spill_dir=tmp_path,
-        lam=1.0,
+        hyperparameters={"lam": 1.0},
     )
     expected = [methods.ties(task_vectors, lam=1.0, k=k) for k in (0.2, 0.5, 1.0)]
     close(woven, {key: sum(e[key] for e in expected) / 3 for key in woven}, rtol=1e-5, atol=1e-6)
@@ -130,6 +130,14 @@ def test_weave_streams_lazy_task_vectors_from_files(task_vectors, tmp_path):
     )
 
 
+def test_method_seed_and_pool_seed_are_separate(task_vectors):
+    a = weave("dare", task_vectors, {"lam": LAMBDAS}, "random", seed=1, hyperparameters={"seed": 5})
+    b = weave("dare", task_vectors, {"lam": LAMBDAS}, "random", seed=1, hyperparameters={"seed": 6})
+    c = weave("dare", task_vectors, {"lam": LAMBDAS}, "random", seed=2, hyperparameters={"seed": 5})
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the DARE mask seed matters
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # and so does the pool's
+
+
 def test_effective_lambda():
     grid = [round(0.05 * i, 2) for i in range(1, 21)]
     assert effective_lam(8, grid, collaborative=True) == pytest.approx(0.375)
@@ -144,7 +152,7 @@ def test_bad_weave_input(task_vectors):
     with pytest.raises(ValueError, match=r"no values for \['lam'\]"):
         weave("ties", task_vectors, {"lam": []}, "mean")
     with pytest.raises(ValueError, match=r"\['lam'\] given both"):
-        weave("ties", task_vectors, {"lam": LAMBDAS}, "mean", lam=1.0)
+        weave("ties", task_vectors, {"lam": LAMBDAS}, "mean", hyperparameters={"lam": 1.0})
     with pytest.raises(ValueError, match="unknown merge method 'tie'"):
         weave("tie", task_vectors, {"lam": LAMBDAS}, "mean")
     with pytest.raises(TypeError, match="densty"):

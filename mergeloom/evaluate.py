@@ -8,10 +8,42 @@ from typing import TYPE_CHECKING
 import open_clip
 import torch
 
-from mergeloom.clip import load_image_encoder, logits
+from mergeloom.clip import load_image_encoder, normalize_images
 
 if TYPE_CHECKING:
     from mergeloom.protocol import EvalSet
+
+
+def _ready(model: open_clip.CLIP, device: torch.device) -> None:
+    """Eval mode on ``device``, touching the module tree only when needed: ``.to()`` and
+    ``.eval()`` walk every submodule, which dominated sweeps of hundreds of evaluations."""
+    if model.training:
+        model.eval()
+    if next(model.parameters()).device != device:
+        model.to(device)
+
+
+def features(
+    model: open_clip.CLIP,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device,
+) -> torch.Tensor:
+    """L2-normalized image features (N, embed_dim) on ``device``, one batch at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    _ready(model, device)
+    with torch.inference_mode():
+        parts = [
+            model.encode_image(
+                normalize_images(model, images[start : start + batch_size].to(device)),
+                normalize=True,
+            )
+            for start in range(0, len(images), batch_size)
+        ]
+    return torch.cat(parts) if parts else torch.empty(0, device=device)
 
 
 def predict(
@@ -34,17 +66,8 @@ def predict(
     Raises:
         ValueError: ``batch_size < 1``.
     """
-    if batch_size < 1:
-        raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    model.to(device).eval()
-    head = head.to(device)
-    with torch.inference_mode():
-        preds = [
-            logits(model, head, images[start : start + batch_size].to(device)).argmax(dim=1).cpu()
-            for start in range(0, len(images), batch_size)
-        ]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    feats = features(model, images, batch_size=batch_size, device=device)
+    return (feats @ head.to(feats.device)).argmax(dim=1).cpu()
 
 
 def accuracy(
@@ -79,19 +102,23 @@ def score(
     device: str | torch.device,
     splits: Sequence[str] = ("val", "test"),
 ) -> dict[str, dict[str, float]]:
-    """Accuracy on each split of each set, with ``visual`` loaded as the image encoder."""
+    """Accuracy on each split of each set, with ``visual`` loaded as the image encoder.
+
+    All images go through the encoder in one stream of batches, then each set's head is
+    applied to its slice of the features: a sweep scores hundreds of merged encoders.
+    """
     load_image_encoder(model, visual)
-    return {
-        s.name: {
-            split: accuracy(
-                model,
-                s.head,
-                getattr(s, split).images,
-                getattr(s, split).labels,
-                batch_size=batch_size,
-                device=device,
-            )
-            for split in splits
-        }
-        for s in eval_sets
-    }
+    parts = [(s, split, getattr(s, split)) for s in eval_sets for split in splits]
+    for s, split, part in parts:
+        if len(part.images) == 0 or len(part.images) != len(part.labels):
+            raise ValueError(f"{s.name}/{split}: needs as many labels as images (at least one)")
+    feats = features(model, torch.cat([part.images for _, _, part in parts]),
+                     batch_size=batch_size, device=device)  # fmt: skip
+    scores: dict[str, dict[str, float]] = {}
+    start = 0
+    for s, split, part in parts:
+        chunk = feats[start : start + len(part.images)]
+        start += len(part.images)
+        hits = (chunk @ s.head.to(chunk.device)).argmax(dim=1).cpu() == part.labels
+        scores.setdefault(s.name, {})[split] = hits.float().mean().item()
+    return scores

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -183,6 +184,15 @@ def check_pipeline() -> None:
 
     if Path("dvc.yaml").exists() and Path("dvc.yaml").read_text() != pipeline.render():
         raise ValueError("dvc.yaml is out of date with params.yaml: run `make pipeline`")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main; bad input ends with one line naming it, and exit status 2."""
+    try:
+        main()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def seed_everything(seed: int) -> None:

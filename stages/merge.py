@@ -4,7 +4,10 @@ lambda picked on the validation split, for every merge problem of every unit.
     python -m stages.merge --pretrained models/pretrained.safetensors \
         --pretrained-visual models/pretrained_visual.safetensors --data-dir data \
         --heads-dir models/heads --task-vectors-dir models/task_vectors \
-        --merged-dir models/merged --metrics-dir metrics --plots-dir plots
+        --metrics-dir metrics --plots-dir plots
+
+Merged weights are not kept (any of them is one `mergeloom merge` call away, from the experts
+the pipeline stores); the metrics and curves are.
 
 The oracle uses privileged data (validation labels of the evaluated tasks, or of the held-out
 domain): an upper bound for data-free methods, never selected on the test split.
@@ -32,7 +35,7 @@ def sweep(score, base: dict, members: list, name: str, hp: dict, lambdas: list, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("--pretrained", "--pretrained-visual", "--data-dir", "--heads-dir",
-                 "--task-vectors-dir", "--merged-dir", "--metrics-dir", "--plots-dir"):  # fmt: skip
+                 "--task-vectors-dir", "--metrics-dir", "--plots-dir"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
     common.check_pipeline()
@@ -51,11 +54,6 @@ def main(argv: list[str] | None = None) -> None:
 
             for name, hp in p["merge"]["methods"].items():
                 visual = vectors.apply(base, methods.get(name)(members, **(hp or {})))
-                vectors.save(
-                    visual,
-                    args.merged_dir / unit / problem.name / f"{name}.safetensors",
-                    metadata=vectors.metadata_json({"method": name, **(hp or {})}),
-                )
                 defaults.setdefault(problem.name, {})[name] = score(visual)
                 result = sweep(score, base, members, name, hp or {}, p["sweep"]["lambdas"],
                                problem.primary)  # fmt: skip
@@ -77,4 +75,4 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

@@ -39,7 +39,11 @@ def code(stage: str, *groups: str) -> list[str]:
 
 
 def uncached(*paths: str) -> list[dict]:
-    """Small text outputs kept in git, so a fresh clone shows them without `dvc pull`."""
+    """Small text outputs kept in git, so a fresh clone shows them without `dvc pull`.
+
+    A stage mixing these with cached outputs cannot be restored from DVC's run-cache (DVC
+    3.67 reruns it), so every stage has either cached outputs only or git-tracked ones only.
+    """
     return [{path: {"cache": False}} for path in paths]
 
 
@@ -72,7 +76,7 @@ def pipeline(params: dict) -> dict:
                    f"--visual-out {VISUAL} --logs logs/pretrain",
             "deps": code("pretrain", "model", "train")
             + ["data/pretrain.safetensors", *model_file],
-            "params": ["model", "pretrain"], "outs": [PRE, VISUAL, *uncached("logs/pretrain")]},
+            "params": ["model", "pretrain"], "outs": [PRE, VISUAL, "logs/pretrain"]},
         "heads": {"cmd": f"python -m stages.heads --pretrained {PRE} --data data "
                          "--out models/heads",
                   "deps": code("heads", "model") + [PRE, "data"], "params": ["model", "setups"],
@@ -82,7 +86,7 @@ def pipeline(params: dict) -> dict:
                    f"--pretrained {PRE} --out ${{item.out}} --logs ${{item.logs}}",
             "deps": code("finetune", "model", "train") + [PRE, "${item.data}", "${item.head}"],
             "params": ["model", "finetune"],
-            "outs": ["${item.out}", *uncached("${item.logs}")]}},
+            "outs": ["${item.out}", "${item.logs}"]}},
         "finetune_sequential": {
             "cmd": "python -m stages.finetune_sequential --data-dir data/continual --heads-dir "
                    f"models/heads/continual --pretrained {PRE} --out-dir "
@@ -91,7 +95,7 @@ def pipeline(params: dict) -> dict:
             "deps": code("finetune_sequential", "model", "train") + ["stages/finetune.py", PRE,
                                                                    "data", "models/heads"],
             "params": ["model", "setups.continual", "finetune"],
-            "outs": chain + uncached("logs/finetune/continual_sequential")},
+            "outs": [*chain, "logs/finetune/continual_sequential"]},
         "task_vectors": {
             "cmd": f"python -m stages.task_vectors --pretrained-visual {VISUAL} "
                    "--experts-dir models/experts --out-dir models/task_vectors",
@@ -106,11 +110,11 @@ def pipeline(params: dict) -> dict:
             "outs": uncached(*[f"metrics/{u}/baselines.json" for u in units])},
         "merge": {
             "cmd": f"python -m stages.merge {MODEL_ARGS} --task-vectors-dir models/task_vectors "
-                   "--merged-dir models/merged --metrics-dir metrics --plots-dir plots",
+                   "--metrics-dir metrics --plots-dir plots",
             "deps": code("merge", "model", "eval", "merge") + [PRE, VISUAL, "data", "models/heads",
                                                                "models/task_vectors"],
             "params": ["model", "setups", "merge", "sweep", "evaluate"],
-            "outs": ["models/merged", *uncached(*[m for m in metrics if "baselines" not in m])],
+            "outs": uncached(*[m for m in metrics if "baselines" not in m]),
             "plots": uncached(*[f"plots/{u}/sweep.csv" for u in units])},
         "weave": {
             "cmd": f"python -m stages.weave {MODEL_ARGS} --task-vectors-dir models/task_vectors "

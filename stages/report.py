@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         files = {k: args.metrics_dir / unit / f"{k}.json"
                  for k in ("baselines", "merge", "sweep", "weave")}  # fmt: skip
         details[unit] = unit_table({k: json.loads(f.read_text()) for k, f in files.items()})
-    summary = {unit: {name: {k: round(row[k], 4) for k in ("absolute", "normalized")
-                             if row[k] is not None}
-                      for name, row in table["rows"].items()}
-               for unit, table in details.items()}  # fmt: skip
+    summary = {}
+    for unit, table in details.items():
+        summary[unit] = {name: {k: round(row[k], 4) for k in ("absolute", "normalized")
+                                if row[k] is not None}
+                         for name, row in table["rows"].items()}  # fmt: skip
+        summary[unit]["per-set optimal lambda IQR"] = {
+            m: round(d["iqr"], 4) for m, d in table["lambda_dispersion"].items()}  # fmt: skip
     common.write_json(args.details, details)
     common.write_json(args.out, summary)
 

@@ -85,6 +85,8 @@ def test_full_repro_runs_every_stage_and_writes_metrics(built):
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary) == {"multitask", "continual", "continual_sequential", "domains"}
     for unit, rows in summary.items():
+        iqr = rows.pop("per-set optimal lambda IQR")
+        assert set(iqr) == {"weight_averaging", "task_arithmetic", "ties"}, unit
         assert {"zero-shot", "individual experts", "ties", "ties + weave (mean)",
                 "ties @ oracle lambda"} <= set(rows), unit  # fmt: skip
         assert all(0 <= row["absolute"] <= 1 for row in rows.values()), unit

@@ -1,0 +1,431 @@
+"""Task-vector correlation and redundancy measures (algorithms.md §5), streamed one key at a time.
+
+Inputs are task vectors as mappings key -> tensor (lazy on disk or in memory) with equal keys and
+shapes; nothing holds more than one key of every task at once, so eight ViT-L-sized vectors fit
+in a few GB. Sums are accumulated in float64. Every measure is a pure function; ``describe``
+gathers them into one JSON-ready summary of a set of task vectors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mergeloom.stats import order_statistics
+from mergeloom.vectors import TaskVector, TensorMap, check_compatible, shape_of
+
+GROUPS = ("embeddings", "attention", "mlp", "norms", "other")
+SPECTRUM_GRID = tuple(i / 20 for i in range(1, 21))  # rank fractions of the energy curves
+PAIRWISE_NOTE = "pairwise measures (cosine, sign conflicts, overlap, interference) need 2+ tasks"
+_BLOCK = re.compile(r"(?:resblocks|blocks|layers?|layer)\.(\d+)\.")
+
+
+# ---------------------------------------------------------------- parameter layout
+
+
+def parameter_group(key: str) -> str:
+    """Which part of a transformer a key belongs to (open_clip and timm/HF naming)."""
+    name = key.lower()
+    if re.search(r"(^|\.)(ln_|norm|layernorm)|\.ln\d|_ln\b", name):
+        return "norms"
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if "mlp" in name or ".fc" in name:
+        return "mlp"
+    if re.search(r"embed|conv1|patch|cls_token|class_embedding", name):
+        return "embeddings"
+    return "other"
+
+
+def depth(key: str) -> int:
+    """Residual block index of a key; -1 before the blocks (stem), a large value after (head)."""
+    found = _BLOCK.search(key)
+    if found:
+        return int(found.group(1))
+    return -1 if parameter_group(key) == "embeddings" or "_pre" in key else 10_000
+
+
+def _is_matrix(key: str, shape: Sequence[int]) -> bool:
+    """The 2-D weights TSV/Iso/CART treat as matrices (text_projection excluded, as they do)."""
+    return len(shape) == 2 and min(shape) > 1 and "text_projection" not in key
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _check(task_vectors: Sequence[TensorMap]) -> list[str]:
+    if len(task_vectors) == 0:
+        raise ValueError("analysis needs at least one task vector, got none")
+    names = [getattr(tv, "name", f"task vector {i}") for i, tv in enumerate(task_vectors)]
+    check_compatible(task_vectors, names=names)
+    return list(task_vectors[0])
+
+
+def _stack(task_vectors: Sequence[TensorMap], key: str) -> torch.Tensor:
+    return torch.stack([tv[key].float() for tv in task_vectors])  # (T, *shape)
+
+
+def increments(task_vectors: Sequence[TensorMap]) -> list[TensorMap]:
+    """Per-step updates of a sequential chain: delta_t = tau_t - tau_{t-1}, delta_1 = tau_1.
+
+    Cumulative task vectors of a chain share every earlier step, so their correlation partly
+    counts the same update twice; the increments isolate what each task added.
+    """
+    steps = [TaskVector(task_vectors[i], task_vectors[i - 1], name=f"increment {i + 1}")
+             for i in range(1, len(task_vectors))]  # fmt: skip
+    return [*task_vectors[:1], *steps]
+
+
+# ---------------------------------------------------------------- correlation
+
+
+def gram_per_key(task_vectors: Sequence[TensorMap]) -> dict[str, torch.Tensor]:
+    """key -> (T, T) float64 inner products <tau_i[key], tau_j[key]>; all cosines derive from it."""
+    keys = _check(task_vectors)
+    grams = {}
+    for key in tqdm(keys, desc="inner products", unit="tensor", leave=False, disable=None):
+        stack = _stack(task_vectors, key).reshape(len(task_vectors), -1).double()
+        grams[key] = stack @ stack.T
+    return grams
+
+
+def total_gram(
+    grams: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None
+) -> torch.Tensor:
+    chosen = list(grams) if keys is None else list(keys)
+    return torch.stack([grams[k] for k in chosen]).sum(0)
+
+
+def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """(T, T) cosine similarities; a zero vector has cosine 0 with everything (and itself)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cosine = gram / safe[:, None] / safe[None, :]
+    return cosine * (norms[:, None] > 0) * (norms[None, :] > 0)
+
+
+def mean_off_diagonal(matrix: torch.Tensor) -> float:
+    """Mean of the entries i != j; NaN for a 1x1 matrix (no pairs)."""
+    n = matrix.shape[0]
+    if n < 2:
+        return math.nan
+    off = ~torch.eye(n, dtype=torch.bool)
+    return float(matrix[off].double().mean())
+
+
+def cosine_by(grams: Mapping[str, torch.Tensor], label: Callable[[str], object]) -> dict:
+    """label -> (T, T) cosine over the keys with that label (per layer, per group, ...)."""
+    labels: dict[object, list[str]] = {}
+    for key in grams:
+        labels.setdefault(label(key), []).append(key)
+    return {name: cosine_from_gram(total_gram(grams, ks)) for name, ks in labels.items()}
+
+
+def alignment_ratio(gram: torch.Tensor) -> float:
+    """||sum tau_t|| / sum ||tau_t||: 1 for parallel vectors, 1/sqrt(T) for orthogonal equal ones.
+
+    A zero vector set gives NaN.
+    """
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    total = float(norms.sum())
+    return math.sqrt(max(float(gram.sum()), 0.0)) / total if total > 0 else math.nan
+
+
+def stack_effective_rank(gram: torch.Tensor) -> float:
+    """Effective rank of the (T, n) stack of task vectors: how many independent directions."""
+    eigenvalues = torch.linalg.eigvalsh(gram).clamp(min=0)
+    return effective_rank(eigenvalues.sqrt())
+
+
+# ---------------------------------------------------------------- spectra
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Roy & Vetterli's exp(entropy of s_i / sum s); 0 for a zero matrix, 1 for rank one."""
+    s = singular_values.double().clamp(min=0)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def energy(singular_values: torch.Tensor, fraction: float) -> float:
+    """Share of sum s_i^2 in the top max(1, ceil(fraction * r)) singular directions."""
+    s2 = singular_values.double().square()
+    total = float(s2.sum())
+    if total <= 0:
+        return math.nan
+    k = max(1, math.ceil(fraction * len(s2) - 1e-9))
+    return float(s2[:k].sum()) / total
+
+
+def spectrum_summary(singular_values: torch.Tensor, energy_top: Sequence[float]) -> dict:
+    """Rank measures of one matrix from its singular values (descending)."""
+    s = singular_values.double()
+    r, s2 = len(s), s.square()
+    total = float(s2.sum())
+    if total <= 0:
+        return {}
+    cumulative = s2.cumsum(0) / total
+    k90 = int(torch.searchsorted(cumulative, torch.tensor(0.9 - 1e-12, dtype=s.dtype))) + 1
+    summary = {
+        "effective_rank_ratio": effective_rank(s) / r,
+        "stable_rank_ratio": total / float(s2[0]) / r,
+        "k90_ratio": min(k90, r) / r,
+    }
+    summary |= {f"energy_top{_percent(f)}": energy(s, f) for f in energy_top}
+    return summary
+
+
+def _energy_curve(singular_values: torch.Tensor) -> list[float]:
+    return [energy(singular_values, g) for g in SPECTRUM_GRID]
+
+
+def singular_task_interference(stack: torch.Tensor) -> tuple[float, float]:
+    """TSV's interference ||(U^T U - I) S (V^T V - I)||_1 (entry-wise), and ||S||_1.
+
+    U = [U_1 | ... | U_T] concatenates each task's top d = max(1, r // T) left singular vectors
+    by columns (TSV-M's allocation; algorithms.md §5.10 documents why not FusionBench's row
+    concatenation), V likewise, S = blockdiag(S_1, ..., S_T). Orthogonal task subspaces give 0.
+    """
+    t, m, n = stack.shape
+    d = max(1, min(m, n) // t)
+    u, s, vh = torch.linalg.svd(stack.float(), full_matrices=False)
+    u = u[:, :, :d].double().permute(1, 0, 2).reshape(m, t * d)
+    v = vh[:, :d, :].double().transpose(1, 2).permute(1, 0, 2).reshape(n, t * d)
+    sigma = s[:, :d].double().reshape(-1)
+    eye = torch.eye(t * d, dtype=torch.float64)
+    interference = ((u.T @ u - eye) * sigma[None, :]) @ (v.T @ v - eye)
+    return float(interference.abs().sum()), float(sigma.abs().sum())
+
+
+def spectra(task_vectors: Sequence[TensorMap], energy_top: Sequence[float]) -> dict:
+    """Spectral structure of every weight matrix: per task uncentred and CART-centred, and the sum.
+
+    Returns the mean of each rank measure over (matrix, task), mean energy curves on
+    ``SPECTRUM_GRID``, and the summed singular task interference. Centred vectors of a single
+    task are zero, so the centred entries need two tasks.
+    """
+    keys = _check(task_vectors)
+    matrices = [k for k in keys if _is_matrix(k, shape_of(task_vectors[0], k))]
+    found: dict[str, list[dict]] = {"uncentered": [], "centered": [], "sum": []}
+    curves: dict[str, list[list[float]]] = {kind: [] for kind in found}
+    sti, sigma_mass = 0.0, 0.0
+    for key in tqdm(matrices, desc="spectra", unit="matrix", leave=False, disable=None):
+        stack = _stack(task_vectors, key)  # (T, m, n)
+        values = {
+            "uncentered": torch.linalg.svdvals(stack),
+            "centered": torch.linalg.svdvals(stack - stack.mean(0)) if len(stack) > 1 else None,
+            "sum": torch.linalg.svdvals(stack.sum(0))[None],
+        }
+        for kind, rows in values.items():
+            for s in rows if rows is not None else []:
+                if (summary := spectrum_summary(s, energy_top)) != {}:
+                    found[kind].append(summary)
+                    curves[kind].append(_energy_curve(s))
+        if len(stack) > 1:
+            key_sti, key_mass = singular_task_interference(stack)
+            sti, sigma_mass = sti + key_sti, sigma_mass + key_mass
+    out = {kind: _mean_dicts(rows) for kind, rows in found.items() if rows}
+    out["curves"] = {kind: _mean_lists(c) for kind, c in curves.items() if c}
+    out["matrices"] = len(matrices)
+    if len(task_vectors) > 1 and sigma_mass > 0:
+        out["singular_task_interference"] = {"total": sti, "relative": sti / sigma_mass}
+    return out
+
+
+def _mean_dicts(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def _mean_lists(rows: Sequence[Sequence[float]]) -> list[float]:
+    return [sum(column) / len(column) for column in zip(*rows, strict=True)]
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+# ---------------------------------------------------------------- redundancy
+
+
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    bad = [f for f in fractions if not (isinstance(f, int | float) and 0 < f <= 1)]
+    if bad or not fractions:
+        raise ValueError(f"top-k fractions must lie in (0, 1], got {list(fractions)}")
+    return sorted(set(map(float, fractions)))
+
+
+def magnitude_thresholds(
+    task_vectors: Sequence[TensorMap], fractions: Sequence[float]
+) -> torch.Tensor:
+    """(T, K) global top-k magnitude thresholds per task: keep entries strictly above them.
+
+    The threshold is the (d - floor(d k))-th smallest |tau| (TIES's order statistic), and the
+    strict comparison keeps exactly floor(d k) entries when magnitudes are distinct (TIES keeps
+    one more); k = 1 gives 0, which keeps every non-zero entry.
+    """
+    keys, fractions = _check(task_vectors), _check_fractions(fractions)
+    t, d = len(task_vectors), sum(math.prod(shape_of(task_vectors[0], k)) for k in keys)
+    ranks = [d - int(d * f) - 1 for f in fractions]  # 0-based; -1 keeps everything
+    wanted = sorted({r for r in ranks if r >= 0})
+    values = [[] for _ in range(t)]
+    if wanted:
+        chunks = lambda: (_stack(task_vectors, k).reshape(t, -1).abs() for k in keys)  # noqa: E731
+        values = order_statistics(chunks, [wanted] * t, count=d)
+    at = [dict(zip(wanted, row, strict=True)) for row in values]
+    return torch.tensor([[at[i].get(r, 0.0) for r in ranks] for i in range(t)], dtype=torch.float64)
+
+
+class _Counts:
+    """Running counts of one top-k level over the keys (float64: exact to 2**53)."""
+
+    def __init__(self, t: int):
+        self.both = torch.zeros(t, t, dtype=torch.float64)  # |M_i & M_j|
+        self.agree = torch.zeros(t, t, dtype=torch.float64)  # same sign minus opposite sign
+        self.kept_mass = torch.zeros(t, dtype=torch.float64)
+        self.multi = torch.zeros(t, dtype=torch.float64)  # coords kept by 2+ of the first t tasks
+        self.conflicted = torch.zeros(t, dtype=torch.float64)  # ... with both signs among them
+        self.usage = torch.zeros(t + 1, dtype=torch.float64)  # coords kept by exactly c tasks
+
+    def add(self, stack: torch.Tensor, magnitude: torch.Tensor, threshold: torch.Tensor) -> None:
+        kept = magnitude > threshold[:, None].float()  # (T, n)
+        signs = torch.sign(stack) * kept
+        kept_f = kept.float()  # per-key counts < 2**24, exact in float32
+        self.both += (kept_f @ kept_f.T).double()
+        self.agree += (signs @ signs.T).double()
+        self.kept_mass += (magnitude * kept).sum(1, dtype=torch.float64)
+        positive, negative = (signs > 0).cumsum(0), (signs < 0).cumsum(0)  # (T, n) first t tasks
+        self.multi += ((positive + negative) >= 2).sum(1).double()
+        self.conflicted += ((positive > 0) & (negative > 0)).sum(1).double()
+        self.usage += torch.bincount(
+            positive[-1] + negative[-1], minlength=len(self.usage)
+        ).double()
+
+
+def _pairwise_rates(counts: _Counts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, T) sign-conflict rate given both kept, Jaccard and overlap coefficient."""
+    both, sizes = counts.both, counts.both.diagonal()
+    safe = lambda x: torch.where(x > 0, x, torch.ones_like(x))  # noqa: E731
+    conflict = (both - counts.agree) / 2 / safe(both) * (both > 0)
+    union = sizes[:, None] + sizes[None, :] - both
+    return conflict, both / safe(union) * (union > 0), both / safe(sizes)[:, None]
+
+
+def redundancy(task_vectors: Sequence[TensorMap], fractions: Sequence[float]) -> dict:
+    """Sign conflicts, top-k mask overlap, mass share, parameter usage and MagMax provenance.
+
+    A task's top-k mask keeps its floor(d k) entries of largest |tau| (``magnitude_thresholds``).
+    Sign conflicts are also reported untrimmed ("all": every non-zero entry).
+    Returns per level the summary scalars, and (T, T) matrices under "matrices".
+    """
+    keys, levels = _check(task_vectors), _check_fractions([*fractions, 1.0])
+    t = len(task_vectors)
+    thresholds = magnitude_thresholds(task_vectors, levels)  # (T, K)
+    counts = [_Counts(t) for _ in levels]
+    mass, winners, coordinates = torch.zeros(t, dtype=torch.float64), torch.zeros(t), 0
+    for key in tqdm(keys, desc="redundancy", unit="tensor", leave=False, disable=None):
+        stack = _stack(task_vectors, key).reshape(t, -1)
+        magnitude = stack.abs()
+        mass += magnitude.sum(1, dtype=torch.float64)
+        owner = t - 1 - magnitude.flip(0).argmax(0)  # MagMax: ties go to the later task
+        winners += torch.bincount(owner[magnitude.amax(0) > 0], minlength=t)
+        coordinates += stack.shape[1]
+        for level, c in enumerate(counts):
+            c.add(stack, magnitude, thresholds[:, level])
+    return _redundancy_summary(levels, counts, mass, winners, coordinates)
+
+
+def _redundancy_summary(levels: list[float], counts: list[_Counts], mass: torch.Tensor,
+                        winners: torch.Tensor, coordinates: int) -> dict:  # fmt: skip
+    t = len(mass)
+    out: dict = {"magmax_winner_share": (winners / max(float(winners.sum()), 1.0)).tolist()}
+    matrices = {}
+    for fraction, c in zip(levels, counts, strict=True):
+        conflict, jaccard, overlap = _pairwise_rates(c)
+        entry = {
+            "sign_conflict": float(c.conflicted[-1] / c.multi[-1]) if c.multi[-1] else math.nan,
+            "sign_conflict_of_all": float(c.conflicted[-1]) / coordinates,
+            "sign_conflict_by_tasks": [
+                float(c.conflicted[i] / c.multi[i]) if c.multi[i] else math.nan for i in range(1, t)
+            ],  # fmt: skip
+            "sign_conflict_pairwise": mean_off_diagonal(conflict),
+            "unused": float(c.usage[0]) / coordinates,
+            "selfish": float(c.usage[1]) / coordinates,
+        }
+        name = "all" if fraction == 1.0 else f"top{_percent(fraction)}"
+        matrices[f"sign_conflict@{name}"] = conflict
+        if fraction < 1.0:
+            entry |= {
+                "jaccard": mean_off_diagonal(jaccard),
+                "jaccard_if_independent": fraction / (2 - fraction),
+                "overlap": mean_off_diagonal(overlap),
+                "overlap_if_independent": fraction,
+                "mass_share": float((c.kept_mass / mass.clamp(min=1e-300)).mean()),
+            }
+            matrices[f"jaccard@{name}"] = jaccard
+        out[name] = entry
+    out["matrices"] = matrices
+    return out
+
+
+# ---------------------------------------------------------------- everything at once
+
+
+def layer_name(level: int) -> str:
+    return {-1: "stem", 10_000: "head"}.get(level, f"block{level}")
+
+
+def layer_profile(grams: Mapping[str, torch.Tensor]) -> list[dict]:
+    """Mean off-diagonal cosine per residual block: whole block, attention only, MLP only."""
+    rows = []
+    for group in ("all", "attention", "mlp"):
+        chosen = {k: g for k, g in grams.items() if group in ("all", parameter_group(k))}
+        for level, matrix in sorted(cosine_by(chosen, depth).items()):
+            rows.append({"group": group, "depth": level, "layer": layer_name(level),
+                         "mean_cosine": mean_off_diagonal(matrix)})  # fmt: skip
+    return rows
+
+
+def correlation(task_vectors: Sequence[TensorMap]) -> dict:
+    """Norms, cosine matrix (whole, per group, per layer), alignment and stack effective rank."""
+    grams = gram_per_key(task_vectors)
+    gram = total_gram(grams)
+    cosine = cosine_from_gram(gram)
+    by_group = cosine_by(grams, parameter_group)
+    t = len(task_vectors)
+    return {
+        "norms": gram.diagonal().sqrt().tolist(),
+        "cosine_mean_off_diagonal": mean_off_diagonal(cosine),
+        "cosine_by_group": {g: mean_off_diagonal(m) for g, m in sorted(by_group.items())},
+        "alignment_ratio": alignment_ratio(gram),
+        "alignment_ratio_if_orthogonal": 1 / math.sqrt(t),
+        "stack_effective_rank": stack_effective_rank(gram),
+        "matrices": {"cosine": cosine},
+        "layers": layer_profile(grams),
+    }
+
+
+def describe(task_vectors: Sequence[TensorMap], *, topk: Sequence[float] = (0.05, 0.1, 0.2),
+             energy_top: Sequence[float] = (0.01, 0.05, 0.1)) -> dict:  # fmt: skip
+    """Every measure of algorithms.md §5 items 1-10 for one set of task vectors.
+
+    With a single task only norms and spectra are defined; the pairwise entries are left out and
+    ``note`` says so.
+    """
+    _check(task_vectors)
+    _check_fractions(topk)
+    _check_fractions(energy_top)
+    out = {"tasks": len(task_vectors), "correlation": correlation(task_vectors),
+           "spectra": spectra(task_vectors, energy_top)}  # fmt: skip
+    if len(task_vectors) < 2:
+        out["correlation"] = {"norms": out["correlation"]["norms"]}
+        out["note"] = PAIRWISE_NOTE
+        return out
+    out["redundancy"] = redundancy(task_vectors, topk)
+    return out

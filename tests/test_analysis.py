@@ -1,0 +1,263 @@
+"""Correlation and redundancy measures on hand-made task vectors with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from mergeloom import analysis, vectors
+
+
+def tv(**tensors: list) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in tensors.items()}
+
+
+def basis(i: int, n: int = 4, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    vector = torch.zeros(n)
+    vector[i] = scale
+    return {"w": vector}
+
+
+# ---------------------------------------------------------------- correlation
+
+
+def test_orthogonal_vectors_have_cosine_zero_and_identical_ones_cosine_one():
+    orthogonal = analysis.correlation([basis(0), basis(1, scale=3.0), basis(2)])
+    assert torch.equal(orthogonal["matrices"]["cosine"], torch.eye(3, dtype=torch.float64))
+    assert orthogonal["cosine_mean_off_diagonal"] == 0.0
+    same = analysis.correlation([tv(w=[1.0, -2.0, 3.0]), tv(w=[2.0, -4.0, 6.0])])
+    assert same["cosine_mean_off_diagonal"] == pytest.approx(1.0)
+    opposite = analysis.correlation([tv(w=[1.0, 2.0]), tv(w=[-1.0, -2.0])])
+    assert opposite["cosine_mean_off_diagonal"] == pytest.approx(-1.0)
+
+
+def test_cosine_spans_keys_like_one_concatenated_vector():
+    a = tv(x=[1.0, 0.0], y=[2.0])
+    b = tv(x=[1.0, 1.0], y=[-1.0])
+    flat = torch.cat([a["x"], a["y"]]), torch.cat([b["x"], b["y"]])
+    expected = float(torch.nn.functional.cosine_similarity(*flat, dim=0))
+    result = analysis.correlation([a, b])
+    assert result["cosine_mean_off_diagonal"] == pytest.approx(expected, abs=1e-7)
+    assert result["norms"] == pytest.approx([math.sqrt(5), math.sqrt(3)])
+
+
+def test_zero_task_vector_has_cosine_zero_not_nan():
+    cosine = analysis.cosine_from_gram(torch.tensor([[0.0, 0.0], [0.0, 4.0]], dtype=torch.float64))
+    assert torch.equal(cosine, torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_per_group_and_per_layer_cosines_use_only_their_keys():
+    aligned_attention = {"transformer.resblocks.0.attn.in_proj_weight": [[1.0, 2.0]],
+                         "transformer.resblocks.1.mlp.c_fc.weight": [[1.0, 0.0]]}  # fmt: skip
+    other = {"transformer.resblocks.0.attn.in_proj_weight": [[2.0, 4.0]],
+             "transformer.resblocks.1.mlp.c_fc.weight": [[0.0, 1.0]]}  # fmt: skip
+    result = analysis.correlation([tv(**aligned_attention), tv(**other)])
+    assert result["cosine_by_group"] == pytest.approx({"attention": 1.0, "mlp": 0.0})
+    rows = {(r["group"], r["layer"]): r["mean_cosine"] for r in result["layers"]}
+    expected = {("all", "block0"): 1.0, ("all", "block1"): 0.0,
+                ("attention", "block0"): 1.0, ("mlp", "block1"): 0.0}  # fmt: skip
+    assert rows == pytest.approx(expected)
+
+
+def test_alignment_ratio_is_one_for_parallel_and_one_over_sqrt_t_for_orthogonal():
+    parallel = analysis.correlation([tv(w=[1.0, 1.0]), tv(w=[3.0, 3.0])])
+    assert parallel["alignment_ratio"] == pytest.approx(1.0)
+    orthogonal = analysis.correlation([basis(i) for i in range(4)])
+    assert orthogonal["alignment_ratio"] == pytest.approx(0.5)
+    assert orthogonal["alignment_ratio_if_orthogonal"] == pytest.approx(0.5)
+
+
+def test_stack_effective_rank_counts_independent_directions():
+    rank_one = analysis.correlation([tv(w=[1.0, 2.0, 3.0]), tv(w=[-2.0, -4.0, -6.0])])
+    assert rank_one["stack_effective_rank"] == pytest.approx(1.0)
+    three = analysis.correlation([basis(i, scale=2.0) for i in range(3)])
+    assert three["stack_effective_rank"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "key, group, depth",
+    [
+        ("transformer.resblocks.3.attn.in_proj_weight", "attention", 3),
+        ("transformer.resblocks.11.mlp.c_proj.bias", "mlp", 11),
+        ("transformer.resblocks.0.ln_1.weight", "norms", 0),
+        ("ln_pre.bias", "norms", -1),
+        ("conv1.weight", "embeddings", -1),
+        ("positional_embedding", "embeddings", -1),
+        ("class_embedding", "embeddings", -1),
+        ("ln_post.weight", "norms", 10_000),
+        ("proj", "other", 10_000),
+    ],
+)
+def test_open_clip_keys_map_to_their_group_and_depth(key, group, depth):
+    assert analysis.parameter_group(key) == group
+    assert analysis.depth(key) == depth
+
+
+def test_increments_undo_the_cumulative_sum_of_a_chain():
+    steps = [tv(w=[1.0, 0.0]), tv(w=[0.0, 2.0]), tv(w=[-1.0, 1.0])]
+    cumulative = [steps[0]]
+    for step in steps[1:]:
+        cumulative.append(vectors.add(cumulative[-1], step))
+    recovered = analysis.increments(cumulative)
+    for got, want in zip(recovered, steps, strict=True):
+        assert torch.equal(got["w"], want["w"])
+
+
+# ---------------------------------------------------------------- spectra
+
+
+def test_effective_rank_of_rank_one_is_one_and_of_identity_is_n():
+    assert analysis.effective_rank(torch.tensor([5.0, 0.0, 0.0])) == pytest.approx(1.0)
+    assert analysis.effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    assert analysis.effective_rank(torch.zeros(3)) == 0.0
+
+
+def test_energy_and_rank_summaries_of_known_spectra():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1, 0 of 14
+    assert analysis.energy(s, 0.25) == pytest.approx(9 / 14)
+    assert analysis.energy(s, 0.01) == pytest.approx(9 / 14)  # at least one direction
+    assert analysis.energy(s, 0.5) == pytest.approx(13 / 14)
+    summary = analysis.spectrum_summary(s, [0.5])
+    assert summary["k90_ratio"] == pytest.approx(2 / 4)  # 13/14 >= 0.9 at k = 2
+    assert summary["stable_rank_ratio"] == pytest.approx(14 / 9 / 4)
+    assert summary["energy_top50%"] == pytest.approx(13 / 14)
+
+
+def test_rank_one_task_matrices_have_effective_rank_one_and_centring_removes_shared_part():
+    u, v = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 3.0])
+    shared = torch.outer(u, v)
+    result = analysis.spectra([{"m": shared}, {"m": 2 * shared}, {"m": shared}], [0.1])
+    assert result["uncentered"]["effective_rank_ratio"] == pytest.approx(1 / 3)
+    assert result["uncentered"]["energy_top10%"] == pytest.approx(1.0)
+    assert result["centered"]["effective_rank_ratio"] == pytest.approx(1 / 3)  # still rank one
+    identical = analysis.spectra([{"m": shared}, {"m": shared}], [0.1])
+    assert "centered" not in identical  # centred copies of one matrix are zero: undefined
+    assert identical["curves"]["sum"][-1] == pytest.approx(1.0)
+
+
+def test_singular_task_interference_is_zero_for_orthogonal_subspaces():
+    a, b = torch.zeros(4, 4), torch.zeros(4, 4)
+    a[:2, :2] = torch.tensor([[3.0, 1.0], [0.0, 2.0]])
+    b[2:, 2:] = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    sti, mass = analysis.singular_task_interference(torch.stack([a, b]))
+    assert sti == pytest.approx(0.0, abs=1e-9)
+    assert mass > 0
+    overlapping, _ = analysis.singular_task_interference(torch.stack([a, a + 0.5 * torch.eye(4)]))
+    assert overlapping > 0.1
+
+
+def test_interference_enters_the_spectra_summary_only_for_two_or_more_tasks():
+    m = {"m": torch.randn(6, 5, generator=torch.Generator().manual_seed(0))}
+    assert "singular_task_interference" not in analysis.spectra([m], [0.1])
+    two = analysis.spectra([m, {"m": m["m"].flip(0)}], [0.1])
+    assert two["singular_task_interference"]["relative"] > 0
+
+
+# ---------------------------------------------------------------- redundancy
+
+
+def test_thresholds_match_the_ties_order_statistic_on_both_paths():
+    g = torch.Generator().manual_seed(1)
+    for n in (1000, 700_000):  # sort path and streaming radix path (> 2**20 values in all)
+        tvs = [{"a": torch.randn(n // 2, generator=g), "b": torch.randn(n - n // 2, generator=g)}
+               for _ in range(2)]  # fmt: skip
+        got = analysis.magnitude_thresholds(tvs, [0.1, 1.0])
+        for row, t in zip(got, tvs, strict=True):
+            flat = torch.cat([t["a"], t["b"]]).abs()
+            assert row[0] == flat.kthvalue(n - int(n * 0.1)).values.item()
+            assert row[1] == 0.0
+            assert int((flat > row[0]).sum()) == int(n * 0.1)
+
+
+def test_identical_vectors_overlap_fully_without_sign_conflicts():
+    v = tv(w=[float(i) * (-1) ** i for i in range(1, 21)])
+    result = analysis.redundancy([v, v], [0.1, 0.5])
+    for level in ("top10%", "top50%"):
+        assert result[level]["jaccard"] == pytest.approx(1.0)
+        assert result[level]["overlap"] == pytest.approx(1.0)
+        assert result[level]["sign_conflict"] == 0.0
+        assert result[level]["sign_conflict_pairwise"] == 0.0
+    assert result["top10%"]["selfish"] == 0.0
+    assert result["top10%"]["unused"] == pytest.approx(0.9)
+
+
+def test_opposite_vectors_conflict_everywhere():
+    v = tv(w=[1.0, -2.0, 3.0, -4.0])
+    result = analysis.redundancy([v, vectors.scale(v, -0.5)], [0.5])
+    assert result["all"]["sign_conflict"] == 1.0
+    assert result["all"]["sign_conflict_of_all"] == 1.0
+    assert result["top50%"]["sign_conflict_pairwise"] == 1.0
+
+
+def test_disjoint_supports_have_zero_jaccard_and_are_all_selfish():
+    result = analysis.redundancy([basis(0), basis(1), basis(2)], [0.25])
+    assert result["top25%"]["jaccard"] == 0.0
+    assert result["top25%"]["selfish"] == pytest.approx(0.75)
+    assert result["top25%"]["unused"] == pytest.approx(0.25)
+    assert math.isnan(result["all"]["sign_conflict"])  # no coordinate kept by two tasks
+    assert result["magmax_winner_share"] == pytest.approx([1 / 3] * 3)
+
+
+def test_mass_share_and_sign_conflicts_by_number_of_tasks():
+    ramp = tv(w=[float(i) for i in range(1, 101)])
+    share = analysis.redundancy([ramp, ramp], [0.1])["top10%"]["mass_share"]
+    assert share == pytest.approx(sum(range(91, 101)) / sum(range(1, 101)))
+    a, b, c = tv(w=[1.0, 1.0, 1.0]), tv(w=[1.0, 1.0, -1.0]), tv(w=[-1.0, 1.0, 1.0])
+    by_tasks = analysis.redundancy([a, b, c], [0.5])["all"]["sign_conflict_by_tasks"]
+    assert by_tasks == pytest.approx([1 / 3, 2 / 3])  # tasks {a, b}: w[2]; {a, b, c}: w[0], w[2]
+
+
+def test_magmax_provenance_gives_ties_to_the_later_task():
+    result = analysis.redundancy([tv(w=[2.0, 1.0, 0.0]), tv(w=[-2.0, 0.5, 0.0])], [0.5])
+    assert result["magmax_winner_share"] == pytest.approx([0.5, 0.5])  # w[0] tie -> task 2
+
+
+def test_independent_random_masks_overlap_at_the_independence_baseline():
+    g = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(200_000, generator=g)} for _ in range(3)]
+    level = analysis.redundancy(tvs, [0.2])["top20%"]
+    assert level["jaccard"] == pytest.approx(level["jaccard_if_independent"], rel=0.03)
+    assert level["overlap"] == pytest.approx(0.2, rel=0.03)
+    assert level["sign_conflict_pairwise"] == pytest.approx(0.5, abs=0.02)
+
+
+# ---------------------------------------------------------------- describe and bad input
+
+
+def test_single_task_reports_norms_and_spectra_and_says_pairwise_needs_two():
+    m = {"m": torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), "b": torch.ones(3)}
+    result = analysis.describe([m])
+    assert result["note"] == analysis.PAIRWISE_NOTE
+    assert result["correlation"] == {"norms": [pytest.approx(float(torch.cat(
+        [m["m"].flatten(), m["b"]]).norm()))]}  # fmt: skip
+    assert "uncentered" in result["spectra"] and "redundancy" not in result
+
+
+def test_describe_on_lazy_files_matches_in_memory(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    states = [{"transformer.resblocks.0.attn.out_proj.weight": torch.randn(6, 6, generator=g),
+               "ln_pre.weight": torch.randn(6, generator=g)} for _ in range(3)]  # fmt: skip
+    for i, s in enumerate(states):
+        vectors.save(s, tmp_path / f"{i}.safetensors")
+    files = [vectors.SafetensorsFile(tmp_path / f"{i}.safetensors") for i in range(3)]
+    lazy, eager = analysis.describe(files), analysis.describe(states)
+    assert lazy["correlation"]["cosine_mean_off_diagonal"] == pytest.approx(
+        eager["correlation"]["cosine_mean_off_diagonal"]
+    )
+    assert lazy["redundancy"]["top10%"]["jaccard"] == eager["redundancy"]["top10%"]["jaccard"]
+    assert lazy["spectra"]["uncentered"] == pytest.approx(eager["spectra"]["uncentered"])
+
+
+def test_mismatched_task_vectors_fail_naming_the_keys_and_shapes():
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        analysis.describe([tv(a=[1.0], b=[2.0]), tv(a=[1.0])])
+    with pytest.raises(ValueError, match=r"a: \(2,\) vs \(1,\)"):
+        analysis.describe([tv(a=[1.0]), tv(a=[1.0, 2.0])])
+    with pytest.raises(ValueError, match="at least one task vector"):
+        analysis.describe([])
+
+
+@pytest.mark.parametrize("bad", [[0.0], [1.5], [], ["10%"]])
+def test_bad_top_k_fractions_are_named(bad):
+    with pytest.raises(ValueError, match=r"top-k fractions must lie in \(0, 1\]"):
+        analysis.describe([basis(0), basis(1)], topk=bad)

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: repro test pipeline bench clean-venv
+.PHONY: repro test pipeline bench pr-report clean-venv
 
 $(BIN)/mergeloom: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(BIN)/mergeloom
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+# The pull-request report (metric, param and plot diffs vs BASE), as the PR workflow posts it.
+BASE ?= main
+pr-report: $(BIN)/mergeloom
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/pr_report.py --base $(BASE)
 
 bench: $(BIN)/mergeloom
 	$(BIN)/python bench/merge_bench.py

@@ -1,0 +1,156 @@
+"""Resumable fine-tuning: a run killed with SIGKILL and restarted ends bit-identical (CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fake_data import write_image_folder
+from safetensors.torch import load_file
+
+from mergeloom import loops
+
+ROOT = Path(__file__).parents[1]
+STEPS, EVERY = 12, 2
+
+# One fine-tuning run in its own process: tiny model, ImageFolder data, a resume checkpoint
+# every EVERY steps. With SLOW set, each step sleeps (the numerics do not change) so that the
+# test can kill the process part-way. Prints the first step it runs (0, or where it resumed).
+SCRIPT = textwrap.dedent(f"""
+    import os, sys, time
+    from pathlib import Path
+    import torch
+    from torchvision.datasets import ImageFolder
+    from safetensors.torch import save_file
+    from mergeloom import clip, loops
+    data, ckpt, out = (Path(a) for a in sys.argv[1:4])
+    torch.manual_seed(0)
+    model, tokenizer = clip.load_clip("{ROOT / "configs" / "tiny-vit.json"}")
+    dataset = ImageFolder(str(data))
+    head = clip.zeroshot_head(model, tokenizer, dataset.classes, ["a photo of {{}}."])
+    first = []
+    def log(step, values):
+        if not first:
+            first.append(step)
+            print("first step", step, flush=True)
+        if os.environ.get("SLOW"):
+            time.sleep(0.3)
+    state = loops.finetune_loader(model, head, dataset, transform=loops.transforms(model)[0],
+        steps={STEPS}, batch_size=8, lr=1e-3, weight_decay=0.1, warmup_steps=3, seed=7,
+        device="cpu", checkpoint=ckpt, checkpoint_every={EVERY}, log=log)
+    save_file(state, str(out))
+""")
+
+
+def _run(tmp_path: Path, ckpt: Path, out: Path, slow: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"SLOW": "1"} if slow else {})}
+    args = [sys.executable, "-c", SCRIPT, str(tmp_path / "data"), str(ckpt), str(out)]
+    return subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
+    write_image_folder(tmp_path / "data", ["red", "green", "blue"], per_class=10)
+    ckpt = tmp_path / "resume" / "expert.pt"
+
+    # the uninterrupted reference runs alongside the run that gets killed
+    reference = _run(tmp_path, tmp_path / "unused.pt", tmp_path / "reference.safetensors")
+    victim = _run(tmp_path, ckpt, tmp_path / "resumed.safetensors", slow=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill once a checkpoint past the first one exists
+        if ckpt.is_file() and loops.load_checkpoint(ckpt)["step"] >= 2 * EVERY:
+            break
+        assert victim.poll() is None, victim.stdout.read()
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = loops.load_checkpoint(ckpt)["step"]
+    assert 2 * EVERY <= killed_at < STEPS
+    assert not (tmp_path / "resumed.safetensors").exists()
+
+    assert reference.wait(timeout=120) == 0, reference.stdout.read()
+    resumed = _run(tmp_path, ckpt, tmp_path / "resumed.safetensors")
+    assert resumed.wait(timeout=120) == 0
+    output = resumed.stdout.read()
+    assert f"first step {killed_at}" in output  # it really resumed, not restarted
+    assert not ckpt.exists()  # removed after the successful finish
+    want, got = (
+        load_file(tmp_path / "reference.safetensors"),
+        load_file(tmp_path / "resumed.safetensors"),
+    )
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_step_batches_resumed_at_any_step_continue_the_same_stream():
+    full = list(loops.StepBatches(n=10, batch_size=4, steps=9, seed=3))
+    assert [len(b) for b in full[:3]] == [4, 4, 2]  # ceil(10 / 4) batches per epoch, short last
+    epoch = sorted(i for b in full[:3] for i, _ in b)
+    assert epoch == list(range(10))  # each epoch is a permutation
+    for start in range(9):
+        assert (
+            list(loops.StepBatches(n=10, batch_size=4, steps=9, seed=3, start=start))
+            == (full[start:])
+        )
+    assert full != list(loops.StepBatches(n=10, batch_size=4, steps=9, seed=4))
+    assert loops.steps_for(10, 4, epochs=3) == 9
+
+
+def test_augmentation_depends_on_the_sample_seed_only():
+    base = torch.utils.data.TensorDataset(torch.zeros(3, 1), torch.arange(3))
+    ds = loops.Transformed(base, lambda x: x + torch.rand(1))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a, b = ds[(1, 123)], ds[(1, 123)]
+    assert torch.equal(a[0], b[0]) and a[1] == 1
+    assert not torch.equal(a[0], ds[(1, 124)][0])
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+
+
+def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_path, tiny_clip):
+    ckpt = tmp_path / "resume" / "c.pt"
+    loops.save_checkpoint(ckpt, {"fingerprint": "someone else", "step": 5, "x": torch.ones(2)})
+    assert loops.load_checkpoint(ckpt)["step"] == 5  # torch.load(weights_only=True) reads it
+    assert [p.name for p in ckpt.parent.iterdir()] == ["c.pt"]  # no temporary file left
+    data = torch.utils.data.TensorDataset(torch.zeros(6, 3, 16, 16), torch.arange(6) % 2)
+    steps = []
+    loops.finetune_loader(
+        tiny_clip,
+        torch.randn(8, 2),
+        data,
+        transform=lambda x: x,
+        steps=2,
+        batch_size=3,
+        lr=1e-3,
+        weight_decay=0.0,
+        warmup_steps=0,
+        seed=0,
+        device="cpu",
+        checkpoint=ckpt,
+        checkpoint_every=1,
+        log=lambda step, values: steps.append(step),
+    )
+    assert steps == [0, 1]  # started from scratch, not from step 5
+    assert not ckpt.exists()
+    with pytest.raises(ValueError, match="checkpoint_every and num_workers must be >= 0"):
+        loops.finetune_loader(
+            tiny_clip,
+            torch.randn(8, 2),
+            data,
+            transform=lambda x: x,
+            steps=2,
+            batch_size=3,
+            lr=1e-3,
+            weight_decay=0.0,
+            warmup_steps=0,
+            seed=0,
+            device="cpu",
+            checkpoint_every=-1,
+        )

@@ -23,7 +23,7 @@ repro: pipeline
 test: $(BIN)/mergeloom
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -m "not gpu"  # slow tests too (ViT-B-32, < 1 min)
 
 # The pull-request report (metric, param and plot diffs vs BASE), as the PR workflow posts it.
 BASE ?= main

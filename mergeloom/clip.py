@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -56,8 +57,73 @@ def _check_name(name: str, pretrained: str | None) -> None:
             raise _unknown(f"pretrained tag (and not a file) for {name}:", pretrained, tags)
 
 
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def _hf_filenames(filename: str) -> list[str]:
+    """The files open_clip tries in a Hugging Face repo, safetensors first."""
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    filename = filename or HF_WEIGHTS_NAME
+    return [*_get_safe_alternatives(filename), filename]
+
+
+def cached_weights(name: str, tag: str) -> tuple[str | None, list[str]]:
+    """(local file of open_clip's pretrained ``tag`` for ``name`` or None, the places looked at).
+
+    Looks where open_clip would download to: the Hugging Face hub cache (HF_HUB_CACHE, or
+    HF_HOME/hub) for tags hosted there, and ``~/.cache/clip`` for URL tags. Never goes online.
+    """
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    looked: list[str] = []
+    if cfg.get("hf_hub"):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        for file in _hf_filenames(filename):
+            path = try_to_load_from_cache(repo, file, cache_dir=constants.HF_HUB_CACHE)
+            folder = f"models--{repo.replace('/', '--')}"
+            looked.append(f"{constants.HF_HUB_CACHE}/{folder}/snapshots/*/{file}")
+            if isinstance(path, str):
+                return path, looked
+    if cfg.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        looked.append(str(path))
+        if path.is_file():
+            return str(path), looked
+    return None, looked
+
+
+def _offline_weights(name: str, tag: str) -> tuple[str, dict]:
+    """(local checkpoint, create_model overrides) for a tag, or a ValueError saying how to get it.
+
+    Passing the cached file itself keeps open_clip from asking the hub for updates (without
+    internet that retries for about a minute); the tag's QuickGELU flag and preprocessing are
+    passed on explicitly, as open_clip would take them from the tag.
+    """
+    path, looked = cached_weights(name, tag)
+    if path is None:
+        raise ValueError(
+            f"pretrained weights {name}/{tag} are not on this machine (looked for {looked}) and "
+            f'load_clip does not download: on a machine with internet run python -c "import '
+            f"open_clip; open_clip.create_model('{name}', pretrained='{tag}')\" and copy the "
+            "Hugging Face cache (HF_HOME or HF_HUB_CACHE; ~/.cache/clip for URL tags) here, set "
+            "model.pretrained to a local checkpoint file, or call load_clip(..., download=True)"
+        )
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    overrides = {
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "force_preprocess_cfg": {k: cfg[k] for k in _PREPROCESS_KEYS if k in cfg},
+    }
+    return path, overrides
+
+
 def load_clip(
-    model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu"
+    model: str,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    download: bool = False,
 ) -> tuple[open_clip.CLIP, Tokenizer]:
     """Build an open_clip CLIP and its tokenizer, in eval mode.
 
@@ -67,16 +133,24 @@ def load_clip(
         pretrained: None for random init (seed the global RNG first), a checkpoint file, or an
             open_clip tag such as ``"openai"`` (read from open_clip's local cache).
         device: Where the model lives.
+        download: Let open_clip download a tag's weights that are not cached. Off by default:
+            missing weights then fail at once, saying where they were looked for.
 
     Raises:
-        ValueError: Unknown architecture (close matches are listed), missing config file or
-            unknown pretrained tag.
+        ValueError: Unknown architecture or pretrained tag (close matches are listed), missing
+            config file, or a tag's weights not cached (with how to get them).
     """
     is_config = model.endswith(".json") or Path(model).is_file()
     name = _register_config(Path(model)) if is_config else model
+    overrides: dict = {}
     if ":" not in name:  # hf-hub: / local-dir: schemas are resolved by open_clip itself
         _check_name(name, pretrained)
-    clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+        if pretrained is not None and not Path(pretrained).is_file():
+            cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            overrides["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+            if not download:
+                pretrained, overrides = _offline_weights(name, pretrained)
+    clip = open_clip.create_model(name, pretrained=pretrained, device=device, **overrides)
     return clip.eval(), open_clip.get_tokenizer(name)
 
 

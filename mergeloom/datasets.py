@@ -10,8 +10,11 @@ Splits follow algorithms.md §4.1: ``test`` is the official test split; ``val`` 
 held-out fraction of the official train split (10 %, at most 5000 images, drawn as
 ``torch.utils.data.random_split`` with generator seed 0 draws it, as Task Arithmetic's registry
 does) and ``train`` is the rest, so validation never touches test (§7 trap 21). Datasets without
-an official test split (EuroSAT, SUN397 without partition files, RESISC45 without split files,
-ImageFolder domains) get a seeded test holdout first, documented per source below.
+an official test split in torchvision (EuroSAT 10 %, SUN397 50 %, RESISC45 20 %, ImageFolder
+domains 20 %) get a seeded test holdout first (``Source.holdout_test``). These are not the
+published split files of Task Arithmetic (SUN397 partition 1, torchgeo's RESISC45 lists, the
+EuroSAT split of TA's data preparation), so their accuracies are comparable with each other,
+not image for image with published numbers (algorithms.md §7 trap 20: recompute denominators).
 
 Continual (§4.2): ``cifar100_class_splits(n)`` cuts MagMax's fixed CIFAR-100 class order into n
 class-incremental tasks; ``class_subset`` keeps a task's classes and remaps labels to the sorted

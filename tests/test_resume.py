@@ -154,3 +154,36 @@ def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_pat
             device="cpu",
             checkpoint_every=-1,
         )
+
+
+def test_worker_processes_do_not_change_the_weights(tmp_path, tiny_clip):
+    """Augmentation seeds travel with the indices, so decoding in 2 workers gives the weights
+    that decoding in this process gives."""
+    write_image_folder(tmp_path / "data", ["red", "green"], per_class=6)
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(tmp_path / "data"))
+    train_tf = loops.transforms(tiny_clip)[0]
+    start = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    head = torch.randn(8, 2)
+    results = []
+    for workers in (0, 2):
+        tiny_clip.load_state_dict(start)
+        results.append(
+            loops.finetune_loader(
+                tiny_clip,
+                head,
+                dataset,
+                transform=train_tf,
+                steps=4,
+                batch_size=5,
+                lr=1e-3,
+                weight_decay=0.1,
+                warmup_steps=1,
+                seed=3,
+                device="cpu",
+                num_workers=workers,
+            )
+        )
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert any(not torch.equal(results[0][k], start[f"visual.{k}"]) for k in results[0])

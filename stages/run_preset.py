@@ -5,10 +5,10 @@
 Writes under --out: ``pretrained_visual.safetensors`` (theta_0's image tower),
 ``experts/<task>.safetensors``, and ``metrics.json`` (test accuracy of zero-shot, every expert,
 every merge at its data-free default and every woven merge, per problem and evaluation set).
-Resume checkpoints live in ``<out>/.resume/`` and are removed as each expert finishes; an expert
-whose file exists is not retrained, so rerunning the command after an interruption continues
-where it stopped. (Wiring presets into DVC stages is the next step; this command runs the same
-library calls in one process.)
+Resume checkpoints live in --resume-dir (default ``.resume/<out name>``, outside anything DVC
+deletes) and are removed as each expert finishes; an expert whose file exists is not retrained,
+so rerunning the command after an interruption continues where it stopped. ``--expert NAME``
+trains that expert only (one DVC stage per expert: ``stages.preset_pipeline``).
 """
 
 import argparse
@@ -39,37 +39,57 @@ def _score(model, visual, sets: dict, heads: dict, p: dict, val_tf, device) -> d
     }
 
 
-def _experts(p, plan, model, heads, theta0, out: Path, train_tf, device) -> dict:
-    """Train (or reuse) every expert in order; sequential chains start from the previous one."""
-    ft, experts, init = p["finetune"], {}, theta0
-    for name, task in plan.train.items():
-        path = out / "experts" / f"{name}.safetensors"
-        if path.is_file():
-            log.info("expert %s exists, not retrained: %s", name, path)
-        else:
-            clip.load_image_encoder(model, init)
-            steps = loops.steps_for(len(task.train), ft["batch_size"], preset.epochs(p, name))
-            state = loops.finetune_loader(
-                model,
-                heads[f"train/{name}"],
-                task.train,
-                transform=train_tf,
-                steps=steps,
-                batch_size=ft["batch_size"],
-                lr=ft["lr"],
-                weight_decay=ft["weight_decay"],
-                warmup_steps=ft["warmup_steps"],
-                seed=ft["seed"],
-                grad_clip=ft["grad_clip"],
-                device=device,
-                num_workers=p["datasets"]["num_workers"],
-                checkpoint=out / ".resume" / f"{name}.pt",
-                checkpoint_every=ft["checkpoint_every"],
-                num_classes=len(task.classnames),
-            )
-            vectors.save(state, path, metadata={"task": name, "steps": str(steps)})
+def _expert(p, name: str, task, model, head, init, args, train_tf, device) -> Path:
+    """Train one expert from ``init`` (resumable) unless its file exists; its path."""
+    ft, path = p["finetune"], args.out / "experts" / f"{name}.safetensors"
+    if path.is_file():
+        log.info("expert %s exists, not retrained: %s", name, path)
+        return path
+    clip.load_image_encoder(model, init)
+    steps = loops.steps_for(len(task.train), ft["batch_size"], preset.epochs(p, name))
+    hp = {
+        k: ft[k]
+        for k in (
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "warmup_steps",
+            "seed",
+            "grad_clip",
+            "checkpoint_every",
+        )
+    }
+    state = loops.finetune_loader(
+        model,
+        head,
+        task.train,
+        transform=train_tf,
+        steps=steps,
+        device=device,
+        num_workers=p["datasets"]["num_workers"],
+        checkpoint=args.resume_dir / f"{name}.pt",
+        num_classes=len(task.classnames),
+        **hp,
+    )
+    vectors.save(state, path, metadata={"task": name, "steps": str(steps)})
+    return path
+
+
+def _experts(p, plan, model, heads, theta0, args, train_tf, device) -> dict:
+    """Every expert (or only ``args.expert``) in order; a sequential chain starts each from the
+    previous expert's file, so one expert can be trained alone once its predecessor exists."""
+    names, experts = list(plan.train), {}
+    for i, name in enumerate(names):
+        prev = args.out / "experts" / f"{names[i - 1]}.safetensors" if i else None
+        if args.expert not in (None, name):
+            continue
+        if p["finetune"]["sequential"] and prev is not None and not prev.is_file():
+            raise ValueError(f"sequential fine-tuning: {name} starts from {prev}, which is missing")
+        init = vectors.load(prev) if p["finetune"]["sequential"] and prev else theta0
+        path = _expert(
+            p, name, plan.train[name], model, heads[f"train/{name}"], init, args, train_tf, device
+        )
         experts[name] = vectors.load(path)
-        init = experts[name] if ft["sequential"] else theta0
     return experts
 
 
@@ -99,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume-dir", type=Path, help="default: .resume/<out name>")
+    parser.add_argument("--expert", help="train only this expert, then stop")
     args = parser.parse_args(argv)
+    args.resume_dir = args.resume_dir or Path(".resume") / args.out.name
     p = preset.load(args.preset)
     plan = preset.plan(p)  # reads the datasets first: a missing one fails before the model loads
     device = clip.pick_device(p["model"]["device"])
@@ -115,8 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         for n, t in plan.eval_sets.items()
     }
     theta0 = clip.image_encoder_state(model)
+    experts = _experts(p, plan, model, heads, theta0, args, train_tf, device)
+    if args.expert is not None:
+        if not experts:
+            raise ValueError(f"--expert {args.expert!r} is not one of {list(plan.train)}")
+        return
     vectors.save(theta0, args.out / "pretrained_visual.safetensors")
-    experts = _experts(p, plan, model, heads, theta0, args.out, train_tf, device)
     metrics: dict = {"zero_shot": _score(model, theta0, plan.eval_sets, heads, p, val_tf, device)}
     metrics["experts"] = {
         n: _score(

@@ -90,19 +90,19 @@ def test_multitask_preset_runs_end_to_end_and_resumes_nothing_twice(tmp_path, mo
     write_image_folder(tmp_path / "data" / "resisc45" / "NWPU-RESISC45", ["a", "b"], 10)
     tasks = ["CIFAR10", "MNIST", "RESISC45"]
     p = _tiny(tmp_path, {"kind": "multitask", "tasks": tasks}, {t: 0.5 for t in tasks})
-    out = tmp_path / "run"
-    run_preset.main([str(_write(tmp_path, p)), "--out", str(out)])
+    out, resume = tmp_path / "run", ["--resume-dir", str(tmp_path / "resume")]
+    run_preset.main([str(_write(tmp_path, p)), "--out", str(out), *resume])
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["zero_shot"]) == set(tasks)
     assert {n: list(s) for n, s in metrics["experts"].items()} == {t: [t] for t in tasks}
     merged = metrics["merged"]["all"]
     assert set(merged) == {"task_arithmetic", "ties", "weave/ties/mean"}
     assert all(0 <= a <= 1 for scores in merged.values() for a in scores.values())
-    assert not list((out / ".resume").glob("*"))  # checkpoints removed after each expert
+    assert not list((tmp_path / "resume").glob("*"))  # checkpoints removed after each expert
     steps = vectors.SafetensorsFile(out / "experts" / "MNIST.safetensors").metadata["steps"]
     assert steps == str(round(0.5 * 3))  # 36 train images, batch 16: 3 batches per epoch
     before = (out / "experts" / "MNIST.safetensors").stat().st_mtime_ns
-    run_preset.main([str(_write(tmp_path, p)), "--out", str(out)])  # rerun: experts reused
+    run_preset.main([str(_write(tmp_path, p)), "--out", str(out), *resume])  # experts reused
     assert (out / "experts" / "MNIST.safetensors").stat().st_mtime_ns == before
 
 
@@ -112,10 +112,28 @@ def test_continual_and_domain_presets_run_on_generated_files(tmp_path, monkeypat
     setup = {"kind": "continual", "dataset": "CIFAR100", "n_tasks": 5}
     p = _tiny(tmp_path, setup, 0.5, sequential=True, checkpoint_every=0)
     p["weave"] = {}
-    run_preset.main([str(_write(tmp_path, p)), "--out", str(tmp_path / "cl")])
+    run_preset.main(
+        [
+            str(_write(tmp_path, p)),
+            "--out",
+            str(tmp_path / "cl"),
+            "--resume-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     metrics = json.loads((tmp_path / "cl" / "metrics.json").read_text())
     assert list(metrics["zero_shot"]) == ["all"]  # one 100-way head on the full test set
     assert set(metrics["experts"]) == {f"split{t}" for t in range(5)}
+    alone = [str(_write(tmp_path, p)), "--out", str(tmp_path / "one"), "--expert"]
+    with pytest.raises(ValueError, match="split1 starts from .*split0.safetensors, which is miss"):
+        run_preset.main([*alone, "split1"])
+    run_preset.main([*alone, "split0", "--resume-dir", str(tmp_path / "r")])
+    assert [f.name for f in (tmp_path / "one").rglob("*.*")] == ["split0.safetensors"]
+    alone, chained = (
+        vectors.load(d / "experts" / "split0.safetensors")
+        for d in (tmp_path / "one", tmp_path / "cl")
+    )
+    assert all(alone[k].equal(chained[k]) for k in chained)  # same seed, same expert
 
     for d in ("clipart", "real", "sketch"):
         write_image_folder(tmp_path / "dom" / d, ["cat", "dog"], 6)
@@ -123,7 +141,15 @@ def test_continual_and_domain_presets_run_on_generated_files(tmp_path, monkeypat
     p = _tiny(tmp_path, setup, 0.5, checkpoint_every=0)
     p["datasets"]["root"] = str(tmp_path / "dom")
     p["weave"] = {}
-    run_preset.main([str(_write(tmp_path, p)), "--out", str(tmp_path / "dg")])
+    run_preset.main(
+        [
+            str(_write(tmp_path, p)),
+            "--out",
+            str(tmp_path / "dg"),
+            "--resume-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     merged = json.loads((tmp_path / "dg" / "metrics.json").read_text())["merged"]
     assert {held: list(m["ties"]) for held, m in merged.items()} == {
         "clipart": ["clipart"],
@@ -138,3 +164,25 @@ def test_missing_dataset_fails_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match="dataset SVHN not found under"):
         run_preset.main([str(_write(tmp_path, p)), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_generated_pipeline_chains_sequential_experts_and_splits_params():
+    from stages import preset_pipeline
+
+    text = preset_pipeline.render(
+        Path("presets/cifar100-10splits-sequential.yaml"), Path("runs/cl")
+    )
+    stages = yaml.safe_load(text)["stages"]
+    assert list(stages) == [*(f"expert-split{t}" for t in range(10)), "evaluate"]
+    assert "runs/cl/experts/split0.safetensors" in stages["expert-split1"]["deps"]
+    assert not any("experts" in d for d in stages["expert-split0"]["deps"])
+    assert stages["expert-split3"]["outs"] == ["runs/cl/experts/split3.safetensors"]
+    assert "--resume-dir .resume/cl --expert split3" in stages["expert-split3"]["cmd"]
+    (params,) = stages["expert-split3"]["params"]
+    assert "merge" not in params["presets/cifar100-10splits-sequential.yaml"]
+    (params,) = stages["evaluate"]["params"]
+    assert "finetune" not in params["presets/cifar100-10splits-sequential.yaml"]
+    individual = yaml.safe_load(
+        preset_pipeline.render(Path("presets/vit-b-32-8tasks.yaml"), Path("runs/mt"))
+    )["stages"]
+    assert not any("experts" in d for d in individual["expert-DTD"]["deps"])

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.datasets as tvd
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from mergeloom import prompts
@@ -93,6 +94,27 @@ def _resisc45(root: Path, split: str, download: bool) -> Dataset:
     return tvd.ImageFolder(str(root / "resisc45" / "NWPU-RESISC45"))
 
 
+class _Transposed(Dataset):
+    """EMNIST's files store every image transposed; this serves them upright (the rotate by -90
+    degrees plus horizontal flip that CLIP merging code bases apply is this transpose)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.targets = dataset, dataset.targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image.transpose(Image.Transpose.TRANSPOSE), label
+
+
+def _emnist(root: Path, split: str, download: bool) -> Dataset:
+    return _Transposed(
+        tvd.EMNIST(str(root), split="digits", train=split == "train", download=download)
+    )
+
+
 def _fer2013(root: Path, split: str, download: bool) -> Dataset:
     if download:
         raise FileNotFoundError("torchvision has no FER2013 downloader")
@@ -138,9 +160,7 @@ SOURCES: dict[str, Source] = {
                            "root/FashionMNIST/raw/*-ubyte", epochs=5),
     "RenderedSST2": Source(_split_kw(tvd.RenderedSST2), "root/rendered-sst2/{train,test}/"
                            "{negative,positive}/*.png", epochs=39),
-    "EMNIST": Source(lambda root, split, download: tvd.EMNIST(
-        str(root), split="digits", train=split == "train", download=download),
-        "root/EMNIST/raw/emnist-digits-*-ubyte (the 'digits' split)",
+    "EMNIST": Source(_emnist, "root/EMNIST/raw/emnist-digits-*-ubyte (the 'digits' split)",
         lambda ds: prompts.DIGITS, epochs=2),
     "KMNIST": Source(_split_kw(tvd.KMNIST, "train", True, False), "root/KMNIST/raw/*-ubyte",
                      epochs=5),

@@ -90,12 +90,16 @@ def _idx(path: Path, array: np.ndarray) -> None:
 
 
 def write_mnist(root: Path, folder: str, n_train: int, n_test: int, seed: int = 0) -> dict:
-    """MNIST-family raw idx files under root/<folder>/raw (MNIST, FashionMNIST, KMNIST)."""
+    """MNIST-family raw idx files under root/<folder>/raw (MNIST, FashionMNIST, KMNIST; EMNIST's
+    'digits' split when folder is "EMNIST")."""
     raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     out = {}
-    for prefix, split, n in (("train", "train", n_train), ("t10k", "test", n_test)):
+    prefixes = (
+        ("emnist-digits-train", "emnist-digits-test") if folder == "EMNIST" else ("train", "t10k")
+    )
+    for prefix, split, n in ((prefixes[0], "train", n_train), (prefixes[1], "test", n_test)):
         labels = rng.integers(0, 10, size=n)
         pixels = images(n, labels, 28, seed + n, channels=1)[..., 0]
         _idx(raw / f"{prefix}-images-idx3-ubyte", pixels)

@@ -31,6 +31,7 @@ def root(tmp_path_factory):
         "MNIST": write_mnist(root, "MNIST", n_train=60, n_test=20, seed=3),
         "KMNIST": write_mnist(root, "KMNIST", n_train=30, n_test=10, seed=4),
         "FashionMNIST": write_mnist(root, "FashionMNIST", n_train=30, n_test=10, seed=5),
+        "EMNIST": write_mnist(root, "EMNIST", n_train=30, n_test=10, seed=8),
     }
     write_image_folder(root / "resisc45" / "NWPU-RESISC45", RESISC, per_class=12, seed=6)
     write_image_folder(root / "eurosat" / "2750", ["Forest", "SeaLake"], 10, seed=7, ext="jpg")
@@ -67,6 +68,15 @@ def test_torchvision_loaders_return_the_written_pixels_and_splits(root, name):
         image, label = task.test[k]
         assert label == test_y[k] and np.array_equal(np.asarray(image), test_x[k])
     assert torch.equal(D.labels_of(task.train), torch.as_tensor(train_y[train_idx]))
+
+
+def test_emnist_images_come_upright_from_its_transposed_files(root):
+    root, written = root
+    task = D.load_task("EMNIST", root)
+    image, label = task.test[3]
+    pixels, labels = written["EMNIST"]["test"]
+    assert label == labels[3] and np.array_equal(np.asarray(image), pixels[3].T)
+    assert task.classnames == tuple("0123456789") and len(task.val) == 3
 
 
 def test_dataset_provided_names_are_kept(root):

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_TABLE_ROWS = 150  # a GitHub comment holds 65,536 characters; the local file says the rest
+MAX_TABLE_ROWS = 150  # a GitHub comment holds 65,536 characters; the report counts cut rows
 PLOTS_DIR = "pr_plots"  # next to the report
 
 

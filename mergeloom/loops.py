@@ -127,8 +127,8 @@ class Transformed(Dataset):
         if isinstance(item, tuple):
             index, seed = item
             image, label = self.dataset[index]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA's is untouched
+                torch.default_generator.manual_seed(seed)
                 return self.transform(image), label
         image, label = self.dataset[item]
         return self.transform(image), label
@@ -217,6 +217,25 @@ def _save_resume(path: Path, fingerprint: str, step: int, model, optimizer) -> N
 # ---------------------------------------------------------------- loops
 
 
+def _accumulated_step(model, head, x, y, optimizer, grad_clip, parts: int):
+    """One optimizer step over (x, y) in ``parts`` micro-batches: the summed gradients are those
+    of the batch mean, also for a short last batch. Returns the batch loss and logits."""
+    optimizer.zero_grad(set_to_none=True)
+    losses, outs = [], []
+    for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+        with _autocast(x.device):
+            out = model.encode_image(xs, normalize=True) @ head  # (b, C)
+        loss = F.cross_entropy(out.float(), ys, reduction="sum") / len(y)
+        loss.backward()
+        losses.append(loss.detach())
+        outs.append(out.detach())
+    if grad_clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return torch.stack(losses).sum(), torch.cat(outs)
+
+
 def finetune_loader(
     model: open_clip.CLIP,
     head: torch.Tensor,
@@ -232,6 +251,7 @@ def finetune_loader(
     device: str | torch.device = "auto",
     num_workers: int = 0,
     grad_clip: float | None = 1.0,
+    accumulate: int = 1,
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     num_classes: int | None = None,
@@ -244,6 +264,8 @@ def finetune_loader(
         transform: PIL image -> normalized tensor (``transforms(model)[0]``).
         device: "auto", "cpu", "cuda[:N]" or a torch.device.
         num_workers: DataLoader worker processes (0: decode in this process).
+        accumulate: Split each batch into this many micro-batches whose gradients are summed
+            before the step (memory for time; the protocol's ViT-L-14 uses 128 = 2 x 64).
         checkpoint: Resume file, kept outside any DVC output; None: no checkpoints.
         checkpoint_every: Write ``checkpoint`` every this many steps (0: never).
         num_classes: The data's class count, checked against the head's when given.
@@ -259,6 +281,10 @@ def finetune_loader(
     if num_classes is not None:
         check_head(head, num_classes)
     _check(steps, batch_size, lr, warmup_steps, len(dataset), len(dataset))
+    if accumulate < 1 or batch_size % accumulate:
+        raise ValueError(
+            f"accumulate must be >= 1 and divide batch_size {batch_size}, got {accumulate}"
+        )
     if checkpoint_every < 0 or num_workers < 0:
         raise ValueError(
             f"checkpoint_every and num_workers must be >= 0, got {checkpoint_every}, {num_workers}"
@@ -274,6 +300,7 @@ def finetune_loader(
         "seed": seed,
         "n": len(dataset),
         "clip": grad_clip,
+        "accumulate": accumulate,
     }
     fingerprint = _fingerprint(model, head, settings) if checkpoint is not None else ""
     torch.manual_seed(seed)
@@ -298,10 +325,13 @@ def finetune_loader(
             for group in optimizer.param_groups:
                 group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
-                out = model.encode_image(x, normalize=True) @ head  # (B, C)
-            loss = F.cross_entropy(out.float(), y)
-            _update(optimizer, loss, grad_clip)
+            if accumulate == 1:
+                with _autocast(device):
+                    out = model.encode_image(x, normalize=True) @ head  # (B, C)
+                loss = F.cross_entropy(out.float(), y)
+                _update(optimizer, loss, grad_clip)
+            else:
+                loss, out = _accumulated_step(model, head, x, y, optimizer, grad_clip, accumulate)
             if log is not None:
                 accuracy = (out.argmax(dim=1) == y).float().mean().item()
                 lr_now = optimizer.param_groups[0]["lr"]

@@ -34,6 +34,7 @@ PRESET_RULES: dict[str, _Rule] = {
     "finetune.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "finetune.grad_clip": (lambda v: v is None or (_is_number(v) and v > 0), "null or > 0"),
     "finetune.seed": (_is_int, "an integer"),
+    "finetune.accumulate": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "finetune.checkpoint_every": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "finetune.sequential": (lambda v: isinstance(v, bool), "true or false"),
     "evaluate.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),

@@ -47,18 +47,8 @@ def _expert(p, name: str, task, model, head, init, args, train_tf, device) -> Pa
         return path
     clip.load_image_encoder(model, init)
     steps = loops.steps_for(len(task.train), ft["batch_size"], preset.epochs(p, name))
-    hp = {
-        k: ft[k]
-        for k in (
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "warmup_steps",
-            "seed",
-            "grad_clip",
-            "checkpoint_every",
-        )
-    }
+    keys = ("batch_size", "lr", "weight_decay", "warmup_steps", "seed", "grad_clip", "accumulate")
+    hp = {k: ft[k] for k in (*keys, "checkpoint_every")}
     state = loops.finetune_loader(
         model,
         head,

@@ -187,3 +187,55 @@ def test_worker_processes_do_not_change_the_weights(tmp_path, tiny_clip):
         )
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
     assert any(not torch.equal(results[0][k], start[f"visual.{k}"]) for k in results[0])
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tiny_clip):
+    """Micro-batches of 3, 3, 3, 1 sum to the gradient of the batch mean over all 10 images."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(10, 3, 16, 16, generator=g), torch.arange(10) % 2
+    head = torch.randn(8, 2, generator=g)
+    tiny_clip.train()
+    params = list(tiny_clip.visual.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.0)  # keeps the weights, leaves the gradients
+    loss, out = loops._accumulated_step(tiny_clip, head, x, y, optimizer, None, parts=4)
+    accumulated = [p.grad.clone() for p in params]
+    optimizer.zero_grad()
+    whole = torch.nn.functional.cross_entropy(tiny_clip.encode_image(x, normalize=True) @ head, y)
+    whole.backward()
+    torch.testing.assert_close(loss, whole.detach(), rtol=1e-5, atol=1e-6)
+    assert out.shape == (10, 2)
+    for got, p in zip(accumulated, params, strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-7)
+
+    data = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(ValueError, match="accumulate must be >= 1 and divide batch_size 12"):
+        loops.finetune_loader(
+            tiny_clip,
+            head,
+            data,
+            transform=lambda x: x,
+            steps=1,
+            batch_size=12,
+            lr=1e-3,
+            weight_decay=0.1,
+            warmup_steps=0,
+            seed=0,
+            device="cpu",
+            accumulate=5,
+        )
+    before = {k: v.clone() for k, v in tiny_clip.visual.state_dict().items()}
+    state = loops.finetune_loader(
+        tiny_clip,
+        head,
+        data,
+        transform=lambda x: x,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_steps=0,
+        seed=0,
+        device="cpu",
+        accumulate=2,
+    )
+    assert any(not torch.equal(state[k], before[k]) for k in state)  # it trains

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from mergeloom.stats import order_statistics
 from mergeloom.vectors import TaskVector, TensorMap, check_compatible, shape_of
 
-GROUPS = ("embeddings", "attention", "mlp", "norms", "other")
 SPECTRUM_GRID = tuple(i / 20 for i in range(1, 21))  # rank fractions of the energy curves
 PAIRWISE_NOTE = "pairwise measures (cosine, sign conflicts, overlap, interference) need 2+ tasks"
+_HEAD = 10_000  # depth() of keys after the last block
 _BLOCK = re.compile(r"(?:resblocks|blocks|layers?|layer)\.(\d+)\.")
 
 
@@ -46,7 +46,7 @@ def depth(key: str) -> int:
     found = _BLOCK.search(key)
     if found:
         return int(found.group(1))
-    return -1 if parameter_group(key) == "embeddings" or "_pre" in key else 10_000
+    return -1 if parameter_group(key) == "embeddings" or "_pre" in key else _HEAD
 
 
 def _is_matrix(key: str, shape: Sequence[int]) -> bool:
@@ -60,7 +60,8 @@ def _is_matrix(key: str, shape: Sequence[int]) -> bool:
 def _check(task_vectors: Sequence[TensorMap]) -> list[str]:
     if len(task_vectors) == 0:
         raise ValueError("analysis needs at least one task vector, got none")
-    names = [getattr(tv, "name", f"task vector {i}") for i, tv in enumerate(task_vectors)]
+    names = [str(getattr(tv, "path", getattr(tv, "name", f"task vector {i}")))
+             for i, tv in enumerate(task_vectors)]  # fmt: skip
     check_compatible(task_vectors, names=names)
     return list(task_vectors[0])
 
@@ -378,16 +379,22 @@ def _redundancy_summary(levels: list[float], counts: list[_Counts], mass: torch.
 
 
 def layer_name(level: int) -> str:
-    return {-1: "stem", 10_000: "head"}.get(level, f"block{level}")
+    return {-1: "stem", _HEAD: "head"}.get(level, f"block{level}")
 
 
 def layer_profile(grams: Mapping[str, torch.Tensor]) -> list[dict]:
-    """Mean off-diagonal cosine per residual block: whole block, attention only, MLP only."""
+    """Mean off-diagonal cosine per residual block: whole block, attention only, MLP only.
+
+    Depth -1 is the stem (embeddings, ln_pre); the head (ln_post, proj) comes after the last block.
+    """
+    blocks = [d for d in map(depth, grams) if 0 <= d < _HEAD]
+    head = max(blocks, default=-1) + 1
     rows = []
     for group in ("all", "attention", "mlp"):
         chosen = {k: g for k, g in grams.items() if group in ("all", parameter_group(k))}
         for level, matrix in sorted(cosine_by(chosen, depth).items()):
-            rows.append({"group": group, "depth": level, "layer": layer_name(level),
+            rows.append({"group": group, "depth": head if level == _HEAD else level,
+                         "layer": layer_name(level),
                          "mean_cosine": mean_off_diagonal(matrix)})  # fmt: skip
     return rows
 

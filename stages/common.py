@@ -6,6 +6,7 @@ before any work, and a bad value fails with the key, the value and what is allow
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import logging
@@ -40,6 +41,10 @@ def _is_number(v: object) -> bool:
 
 def _numbers(v: object) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(_is_number(x) for x in v)
+
+
+def _fractions(v: object) -> bool:
+    return _numbers(v) and all(0 < x <= 1 for x in v)
 
 
 def _names(known: Sequence[str], minimum: int = 1) -> Callable[[object], bool]:
@@ -98,6 +103,8 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "weave.collaborative": (lambda v: isinstance(v, bool), "true or false"),
     "weave.seed": (_is_int, "an integer"),
     "evaluate.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "analysis.topk": (lambda v: _fractions(v) and 1 not in v, "a non-empty list in (0, 1)"),
+    "analysis.energy_top": (_fractions, "a non-empty list of fractions in (0, 1]"),
 }
 for _section in ("pretrain", "finetune"):
     RULES |= {
@@ -157,6 +164,19 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
+    vectors.make_readable(tmp)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping], fieldnames: Sequence[str]) -> None:
+    """A table for `dvc plots`, written atomically like every other output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
     vectors.make_readable(tmp)
     os.replace(tmp, path)
 

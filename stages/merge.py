@@ -14,7 +14,6 @@ domain): an upper bound for data-free methods, never selected on the test split.
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 from mergeloom import evaluate, methods, protocol, vectors, weave
@@ -63,15 +62,8 @@ def main(argv: list[str] | None = None) -> None:
                          for s, acc in sets.items()]  # fmt: skip
         common.write_json(args.metrics_dir / unit / "merge.json", defaults)
         common.write_json(args.metrics_dir / unit / "sweep.json", sweeps)
-        write_csv(args.plots_dir / unit / "sweep.csv", rows)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["problem", "method", "lam", "set", "val", "test"])
-        writer.writeheader()
-        writer.writerows(rows)
+        common.write_csv(args.plots_dir / unit / "sweep.csv", rows,
+                         ["problem", "method", "lam", "set", "val", "test"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ LIB = {  # library modules per concern; a stage depends on the modules it import
     "train": ["mergeloom/train.py"],
     "eval": ["mergeloom/protocol.py", "mergeloom/evaluate.py"],
     "merge": ["mergeloom/methods.py", "mergeloom/stats.py", "mergeloom/weave.py"],
+    "analysis": ["mergeloom/analysis.py", "mergeloom/stats.py"],
 }
+ANALYSIS_FILES = [f"{name}.{ext}" for name in ("cosine", "layers", "spectra", "redundancy")
+                  for ext in ("csv", "png")]  # fmt: skip
 PRE, VISUAL = "models/pretrained.safetensors", "models/pretrained_visual.safetensors"
 MODEL_ARGS = (
     f"--pretrained {PRE} --pretrained-visual {VISUAL} --data-dir data --heads-dir models/heads"
@@ -123,13 +126,49 @@ def pipeline(params: dict) -> dict:
                                                                "models/task_vectors"],
             "params": ["model", "setups", "merge", "weave", "evaluate"],
             "outs": uncached(*woven)},
+        "analyze": {"foreach": list(params["setups"]), "do": {
+            "cmd": "python -m stages.analyze --setup ${item} --task-vectors-dir "
+                   "models/task_vectors --out metrics/analysis/${item}.json "
+                   "--plots-dir plots/analysis/${item}",
+            "deps": code("analyze", "analysis") + ["stages/figures.py", "models/task_vectors"],
+            "params": ["setups", "analysis"],
+            "outs": uncached(*[f"plots/analysis/${{item}}/{f}" for f in ANALYSIS_FILES]),
+            "metrics": uncached("metrics/analysis/${item}.json")}},
         "report": {
             "cmd": f"python -m stages.report --units {' '.join(units)} --metrics-dir metrics "
-                   "--out metrics/summary.json --details metrics/details.json",
-            "deps": code("report", "eval") + metrics + woven,
-            "outs": uncached("metrics/details.json"),
+                   "--out metrics/summary.json --details metrics/details.json "
+                   "--markdown reports/summary.md --figures-dir reports/figures",
+            "deps": code("report", "eval") + ["stages/report_md.py", "stages/figures.py"]
+            + metrics + woven + [f"metrics/analysis/{s}.json" for s in params["setups"]],
+            "params": ["setups", "merge"],
+            "outs": uncached("metrics/details.json", "reports/summary.md",
+                             *[f"reports/figures/{name}.png" for name in
+                               [f"lambda_{u}" for u in units] + ["optimal_lambdas", "ranking"]]),
             "metrics": uncached("metrics/summary.json")},
-    }}  # fmt: skip
+    }, "plots": analysis_plots(units)}  # fmt: skip
+
+
+def analysis_plots(units: dict) -> list:
+    """Top-level plot definitions, so `dvc plots show` / `dvc plots diff` draw the analysis."""
+    plots = []
+    for setup in dict.fromkeys(s for s, _ in units.values()):
+        folder = f"plots/analysis/{setup}"
+        kinds = ["individual"] + (["sequential", "sequential_increments"]
+                                  if f"{setup}_sequential" in units else [])  # fmt: skip
+        plots += [
+            {f"{setup}: mean cosine per layer": {
+                "x": "depth", "y": {f"{folder}/layers.csv": kinds},
+                "x_label": "depth (-1 stem, last = head)", "y_label": "mean off-diagonal cosine"}},
+            {f"{setup}: singular energy vs rank fraction": {
+                "x": "rank_fraction",
+                "y": {f"{folder}/spectra.csv": [f"{k}_{v}" for k in kinds
+                                                for v in ("uncentered", "centered")]}}},
+            {f"{setup}: top-k mask Jaccard": {
+                "x": "k", "y": {f"{folder}/redundancy.csv": ["jaccard_if_independent",
+                                                             *[f"{k}_jaccard" for k in kinds]]}}},
+            *[f"{folder}/{f}" for f in ANALYSIS_FILES if f.endswith(".png")],
+        ]  # fmt: skip
+    return plots
 
 
 def render(params_path: Path = common.PARAMS) -> str:

@@ -2,16 +2,21 @@
 pool, at the oracle lambda (privileged validation data), with absolute and normalised accuracy.
 
     python -m stages.report --units multitask continual continual_sequential domains \
-        --metrics-dir metrics --out metrics/summary.json --details metrics/details.json
+        --metrics-dir metrics --out metrics/summary.json --details metrics/details.json \
+        --markdown reports/summary.md --figures-dir reports/figures
+
+Also writes `reports/summary.md` (tables to paste into a draft, the correlation summary of
+the analyze stage, and figures) through stages.report_md.
 """
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
 from mergeloom import protocol
-from stages import common
+from stages import common, report_md
 
 
 def _row(per_set: dict, primary: list, experts: dict, privileged: bool = False) -> dict:
@@ -58,13 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units", nargs="+", required=True)
     parser.add_argument("--metrics-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--details", type=Path, required=True)
+    for name in ("--details", "--markdown", "--figures-dir"):
+        parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    details = {}
+    p = common.load_params("setups", "merge")
+    details, metrics = {}, {}
     for unit in args.units:
         files = {k: args.metrics_dir / unit / f"{k}.json"
                  for k in ("baselines", "merge", "sweep", "weave")}  # fmt: skip
-        details[unit] = unit_table({k: json.loads(f.read_text()) for k, f in files.items()})
+        metrics[unit] = {k: json.loads(f.read_text()) for k, f in files.items()}
+        details[unit] = unit_table(metrics[unit])
     summary = {}
     for unit, table in details.items():
         summary[unit] = {name: {k: round(row[k], 4) for k in ("absolute", "normalized")
@@ -74,6 +82,18 @@ def main(argv: list[str] | None = None) -> None:
             m: round(d["iqr"], 4) for m, d in table["lambda_dispersion"].items()}  # fmt: skip
     common.write_json(args.details, details)
     common.write_json(args.out, summary)
+    write_markdown(args, p, details, metrics)
+
+
+def write_markdown(args: argparse.Namespace, p: dict, details: dict, metrics: dict) -> None:
+    lams = {m: hp["lam"] for m, hp in p["merge"]["methods"].items() if hp and "lam" in hp}
+    root = args.markdown.parent
+    names = report_md.write_figures(details, metrics, lams, args.figures_dir, root)
+    analyses = {s: json.loads(f.read_text()) for s in p["setups"]
+                if (f := args.metrics_dir / "analysis" / f"{s}.json").exists()}  # fmt: skip
+    names["analysis"] = {s: os.path.relpath(f"plots/analysis/{s}/cosine.png", root)
+                         for s in analyses}  # fmt: skip
+    report_md.write_text(args.markdown, report_md.document(details, analyses, names))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_stack_effective_rank_counts_independent_directions():
         ("conv1.weight", "embeddings", -1),
         ("positional_embedding", "embeddings", -1),
         ("class_embedding", "embeddings", -1),
-        ("ln_post.weight", "norms", 10_000),
+        ("ln_post.weight", "norms", analysis.depth("proj")),
         ("proj", "other", 10_000),
     ],
 )
@@ -261,3 +261,86 @@ def test_mismatched_task_vectors_fail_naming_the_keys_and_shapes():
 def test_bad_top_k_fractions_are_named(bad):
     with pytest.raises(ValueError, match=r"top-k fractions must lie in \(0, 1\]"):
         analysis.describe([basis(0), basis(1)], topk=bad)
+
+
+# ---------------------------------------------------------------- the analyze stage
+
+
+def write_setup(root, tasks: dict[str, list[dict]], n_tasks: int = 2, domains=("plain", "noisy")):
+    """A params.yaml and task-vector files laid out as the pipeline writes them."""
+    import yaml
+
+    params = {"setups": {"multitask": {"tasks": tasks.get("multitask_names", ["digits"])},
+                         "continual": {"class_order": list(range(10)), "n_tasks": n_tasks},
+                         "domains": {"domains": list(domains)}},
+              "analysis": {"topk": [0.1, 0.5], "energy_top": [0.1]}}  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for unit, states in tasks.items():
+        if unit == "multitask_names":
+            continue
+        names = params["setups"]["multitask"]["tasks"] if unit == "multitask" else [
+            f"split{i}" for i in range(len(states))]  # fmt: skip
+        for name, state in zip(names, states, strict=True):
+            vectors.save(state, root / "tv" / unit / f"{name}.safetensors")
+
+
+def run_stage(setup: str) -> None:
+    from stages import analyze
+
+    analyze.main(["--setup", setup, "--task-vectors-dir", "tv", "--out", f"out/{setup}.json",
+                  "--plots-dir", f"plots/{setup}"])  # fmt: skip
+
+
+def random_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"transformer.resblocks.0.mlp.c_fc.weight": torch.randn(8, 4, generator=g),
+            "transformer.resblocks.0.ln_1.weight": torch.randn(4, generator=g)}  # fmt: skip
+
+
+def test_stage_compares_individual_and_sequential_with_files_for_dvc_plots(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    steps = [random_state(i) for i in range(3)]
+    chain = [steps[0], vectors.add(steps[0], steps[1]), vectors.add(vectors.add(*steps[:2]),
+                                                                    steps[2])]  # fmt: skip
+    write_setup(tmp_path, {"continual": [random_state(10 + i) for i in range(3)],
+                           "continual_sequential": chain}, n_tasks=3)  # fmt: skip
+    run_stage("continual")
+    metrics = json.loads((tmp_path / "out/continual.json").read_text())
+    assert set(metrics) == {"individual", "sequential", "sequential_increments"}
+    seq = metrics["sequential"]["correlation"]["cosine_mean_off_diagonal"]
+    assert seq > metrics["individual"]["correlation"]["cosine_mean_off_diagonal"]
+    assert set(metrics["individual"]["correlation"]["norms"]) == {"split0", "split1", "split2"}
+    csv_header = (tmp_path / "plots/continual/layers.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("depth,layer,individual,sequential,sequential_increments")
+    for name in ("cosine", "layers", "spectra", "redundancy"):
+        assert (tmp_path / f"plots/continual/{name}.png").read_bytes()[:4] == b"\x89PNG"
+    cosine_rows = (tmp_path / "plots/continual/cosine.csv").read_text().splitlines()
+    assert len(cosine_rows) == 1 + 3 * 9  # header + three 3x3 matrices
+
+
+def test_stage_with_one_task_writes_norms_and_spectra_and_says_why(tmp_path, monkeypatch, caplog):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    write_setup(tmp_path, {"multitask": [random_state(0)]})
+    run_stage("multitask")
+    metrics = json.loads((tmp_path / "out/multitask.json").read_text())["individual"]
+    assert metrics["note"] == analysis.PAIRWISE_NOTE
+    assert set(metrics["correlation"]) == {"norms"} and "uncentered" in metrics["spectra"]
+    assert analysis.PAIRWISE_NOTE in caplog.text
+    for name in ("cosine", "layers", "spectra", "redundancy"):  # every declared output exists
+        assert (tmp_path / f"plots/multitask/{name}.csv").exists()
+        assert (tmp_path / f"plots/multitask/{name}.png").exists()
+
+
+def test_stage_names_mismatched_task_vector_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = {"transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(8, 5),
+           "transformer.resblocks.0.ln_1.weight": torch.zeros(4)}  # fmt: skip
+    write_setup(tmp_path, {"multitask": [random_state(0), bad],
+                           "multitask_names": ["digits", "parity"]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"parity.safetensors has 1 shape mismatch.*\(8, 5\)"):
+        run_stage("multitask")
+    assert not (tmp_path / "out").exists()

@@ -82,6 +82,12 @@ def test_full_repro_runs_every_stage_and_writes_metrics(built):
     assert {"data", "pretrain", "heads", "finetune_sequential", "task_vectors", "evaluate",
             "merge", "weave", "report"} <= stages  # fmt: skip
     assert "finetune@multitask-digits" in stages and "finetune@domains-rotated" in stages
+    assert {"analyze@multitask", "analyze@continual", "analyze@domains"} <= stages
+    analysis = json.loads((repo / "metrics/analysis/continual.json").read_text())
+    assert set(analysis) == {"individual", "sequential", "sequential_increments"}
+    for name in ("cosine", "layers", "spectra", "redundancy"):
+        assert (repo / f"plots/analysis/continual/{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "analysis/continual.json" in dvc(repo, "metrics", "show")
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary) == {"multitask", "continual", "continual_sequential", "domains"}
     for unit, rows in summary.items():
@@ -105,6 +111,15 @@ def test_pool_change_reruns_only_weave_and_report(repo):
     assert ran(dvc(repo, "repro")) == {"weave", "report"}
     run(repo, "git", "checkout", "params.yaml")
     assert ran(dvc(repo, "repro")) <= {"weave", "report"}  # back: run-cache or rerun, nothing else
+
+
+def test_analysis_change_reruns_only_the_analysis(repo):
+    set_param(repo, "analysis.topk", [0.05])
+    assert ran(dvc(repo, "repro")) == {"analyze@multitask", "analyze@continual", "analyze@domains"}
+    rows = (repo / "plots/analysis/multitask/redundancy.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("0.05,")
+    run(repo, "git", "checkout", "params.yaml")
+    dvc(repo, "repro")
 
 
 def test_new_method_or_lambda_retrains_no_expert(repo):
@@ -136,9 +151,12 @@ def stage_command(repo: Path, stage: str) -> list[str]:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     if "@" in stage:
         group, item = stage.split("@")
-        cmd = stages[group]["do"]["cmd"]
-        for key, value in stages[group]["foreach"][item].items():
-            cmd = cmd.replace(f"${{item.{key}}}", value)
+        cmd, items = stages[group]["do"]["cmd"], stages[group]["foreach"]
+        if isinstance(items, list):  # foreach over plain names
+            cmd = cmd.replace("${item}", item)
+        else:
+            for key, value in items[item].items():
+                cmd = cmd.replace(f"${{item.{key}}}", value)
     else:
         cmd = stages[stage]["cmd"]
     return [sys.executable, *cmd.split()[1:]]
@@ -163,6 +181,8 @@ def test_a_stale_dvc_yaml_fails_with_a_hint(repo):
         ("merge.methods", {"ties": {"densty": 0.2}}, "merge",
          "params.yaml: merge.methods.ties: got an unexpected keyword argument 'densty'"),
         ("pretrain.lr", "fast", "pretrain", "params.yaml: pretrain.lr = 'fast' is invalid"),
+        ("analysis.topk", [1.5], "analyze@continual",
+         "params.yaml: analysis.topk = [1.5] is invalid; expected a non-empty list in (0, 1)"),
     ],
 )  # fmt: skip
 def test_bad_params_fail_before_any_work(repo, key, value, stage, message):

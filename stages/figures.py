@@ -105,7 +105,8 @@ def lambda_curves(panels: Mapping[str, Mapping], path: str | os.PathLike, title:
 def boxes(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.PathLike,
           title: str, xlabel: str) -> None:  # fmt: skip
     """Horizontal box plots, one panel per group (e.g. per-task optimal lambdas per method)."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False,
+                                layout="constrained")  # fmt: skip
     for ax, (name, groups) in zip(axes[0], panels.items(), strict=True):
         labels = list(groups)
         ax.boxplot([groups[g] for g in labels], orientation="horizontal", widths=0.6)
@@ -123,7 +124,8 @@ def boxes(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.Pa
 def bars(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | os.PathLike,
          title: str, xlabel: str) -> None:  # fmt: skip
     """Grouped horizontal bars, one panel per unit: for each method, one bar per series."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 5.0), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 5.0), squeeze=False,
+                                layout="constrained")  # fmt: skip
     for ax, (name, methods) in zip(axes[0], panels.items(), strict=True):
         labels = list(methods)
         series = list(dict.fromkeys(s for m in methods.values() for s in m))

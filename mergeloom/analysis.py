@@ -187,16 +187,19 @@ def _energy_curve(singular_values: torch.Tensor) -> list[float]:
     return [energy(singular_values, g) for g in SPECTRUM_GRID]
 
 
-def singular_task_interference(stack: torch.Tensor) -> tuple[float, float]:
+def singular_task_interference(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+) -> tuple[float, float]:
     """TSV's interference ||(U^T U - I) S (V^T V - I)||_1 (entry-wise), and ||S||_1.
 
+    Takes the batched thin SVD (T, m, r), (T, r), (T, r, n) of the T tasks' matrices.
     U = [U_1 | ... | U_T] concatenates each task's top d = max(1, r // T) left singular vectors
     by columns (TSV-M's allocation; algorithms.md §5.10 documents why not FusionBench's row
     concatenation), V likewise, S = blockdiag(S_1, ..., S_T). Orthogonal task subspaces give 0.
     """
-    t, m, n = stack.shape
-    d = max(1, min(m, n) // t)
-    u, s, vh = torch.linalg.svd(stack.float(), full_matrices=False)
+    t, m, r = u.shape
+    n = vh.shape[2]
+    d = max(1, r // t)
     u = u[:, :, :d].double().permute(1, 0, 2).reshape(m, t * d)
     v = vh[:, :d, :].double().transpose(1, 2).permute(1, 0, 2).reshape(n, t * d)
     sigma = s[:, :d].double().reshape(-1)
@@ -219,8 +222,9 @@ def spectra(task_vectors: Sequence[TensorMap], energy_top: Sequence[float]) -> d
     sti, sigma_mass = 0.0, 0.0
     for key in tqdm(matrices, desc="spectra", unit="matrix", leave=False, disable=None):
         stack = _stack(task_vectors, key)  # (T, m, n)
+        u, singular, vh = torch.linalg.svd(stack, full_matrices=False)  # spectra and STI
         values = {
-            "uncentered": torch.linalg.svdvals(stack),
+            "uncentered": singular,
             "centered": torch.linalg.svdvals(stack - stack.mean(0)) if len(stack) > 1 else None,
             "sum": torch.linalg.svdvals(stack.sum(0))[None],
         }
@@ -230,7 +234,7 @@ def spectra(task_vectors: Sequence[TensorMap], energy_top: Sequence[float]) -> d
                     found[kind].append(summary)
                     curves[kind].append(_energy_curve(s))
         if len(stack) > 1:
-            key_sti, key_mass = singular_task_interference(stack)
+            key_sti, key_mass = singular_task_interference(u, singular, vh)
             sti, sigma_mass = sti + key_sti, sigma_mass + key_mass
     out = {kind: _mean_dicts(rows) for kind, rows in found.items() if rows}
     out["curves"] = {kind: _mean_lists(c) for kind, c in curves.items() if c}

@@ -8,8 +8,8 @@ numbers measure the training step and the forward pass, not image decoding. Both
 one process, on the same model and batches, alternating A/B/A/B so that drift (clock boost,
 other load) hits both:
 
-* ours: ``mergeloom.loops.finetune_loader`` / ``predict_loader`` (DataLoader with the seeded
-  step sampler, bf16 autocast on CUDA, fused AdamW, cosine schedule, grad clipping);
+* ours: ``mergeloom.train.finetune`` / ``mergeloom.evaluate.accuracy`` (DataLoader with the
+  seeded step sampler, bf16 autocast on CUDA, fused AdamW, cosine schedule, grad clipping);
 * plain: the loop open_clip's README suggests: ``encode_image`` -> logits through the head ->
   cross-entropy -> backward -> clip -> AdamW step, with the same autocast and optimizer.
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mergeloom import clip, loops  # noqa: E402
+from mergeloom import clip, evaluate, train  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def ours_finetune(model, head, data, args, device) -> float:
     def log(step, values):  # .item() in the log syncs, so the stamp is after the step ran
         stamps.append(time.perf_counter())
 
-    loops.finetune_loader(
+    train.finetune(
         model,
         head,
         data,
@@ -101,12 +101,12 @@ def ours_eval(model, head, data, args, device) -> float:
     n = args.batch_size * (args.eval_batches + 1)
     subset = torch.utils.data.TensorDataset(*(t[:n] for t in data.tensors))
     warm = torch.utils.data.TensorDataset(*(t[: args.batch_size] for t in data.tensors))
-    loops.predict_loader(
+    evaluate.accuracy(
         model, head, warm, transform=lambda x: x, batch_size=args.batch_size, device=device
     )
     _sync(device)
     start = time.perf_counter()
-    loops.predict_loader(
+    evaluate.accuracy(
         model, head, subset, transform=lambda x: x, batch_size=args.batch_size, device=device
     )
     _sync(device)

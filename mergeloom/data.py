@@ -11,6 +11,9 @@ evaluation setups of algorithms.md section 4:
 * domain generalisation (4.3): the same 10-class task under each transform in DOMAINS, all with
   the same generic templates so that a held-out domain's head knows nothing about its domain.
 
+Every builder returns ``mergeloom.tasks.Task`` with ``TensorImages`` splits, the same task type
+the on-disk benchmarks use, so fine-tuning and evaluation have one path for both.
+
 Images are upsampled bilinearly to ``image_size`` first and every transform acts on the
 upsampled (N, 1, S, S) image, so rotation and flips are exact permutations of the plain pixels.
 Everything is a pure function of its arguments: the same seed gives bit-identical tensors.
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mergeloom.tasks import Task, TensorImages
+
 # (images (N, 1, S, S) in [0, 1], dataset indices (N,), seed) -> images of the same shape
 Transform = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Splits = Mapping[str, Sequence[int]]
@@ -37,26 +42,6 @@ GENERIC_TEMPLATES = ("a photo of the digit {}.", "an image of the number {}.")
 NOISE_STD = 0.2  # additive Gaussian noise, in units of the [0, 1] pixel range
 BLUR_SIGMA = 0.75  # Gaussian blur, in pixels of the original 8x8 image
 _SEED_STRIDE = 1_000_003  # > N_IMAGES, so (seed, index) -> per-image seed never collides
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split of one task (eq=False: tensors have no single truth value)."""
-
-    images: torch.Tensor  # (N, 3, S, S) float32 in [0, 1]
-    labels: torch.Tensor  # (N,) int64 in 0..len(classnames)-1
-
-
-@dataclass(frozen=True, eq=False)
-class Task:
-    """A classification task: the data plus what a zero-shot head needs to name its classes."""
-
-    name: str
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]  # format strings with one "{}" for the class name
-    train: Split
-    val: Split
-    test: Split
 
 
 @dataclass(frozen=True)
@@ -247,7 +232,8 @@ def _task(
     for split in ("train", "val", "test"):
         indices = _split_indices(splits, split)
         keep, labels = select(_digits()[1][indices])
-        parts[split] = Split(_images(indices[keep], image_size, transform, seed), labels[keep])
+        images = _images(indices[keep], image_size, transform, seed)
+        parts[split] = TensorImages(images, labels[keep])
     return Task(name, tuple(classnames), tuple(templates), **parts)
 
 

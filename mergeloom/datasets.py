@@ -1,10 +1,11 @@
 """The paper's benchmark datasets as tasks read from disk: torchvision classes, ImageFolder trees.
 
-``load_task(name, root)`` builds a ``TaskData``: class names, prompt templates and three splits
-(``train``, ``val``, ``test``) as map-style datasets of ``(PIL image, label)``; transforms are
-applied by the loops (``mergeloom.loops``), so the same splits serve the train and val
-transforms. Nothing is downloaded unless ``download=True`` (torchvision's own download); a missing
-dataset fails at once with its name, the path looked at, the layout expected and how to fetch it.
+``load_task(name, root)`` builds a ``mergeloom.tasks.Task``: class names, prompt templates and
+three splits (``train``, ``val``, ``test``) as map-style datasets of ``(PIL image, label)``;
+transforms are applied by ``mergeloom.train.finetune`` and ``mergeloom.evaluate``, so the same
+splits serve the train and val transforms. Nothing is downloaded unless ``download=True``
+(torchvision's own download); a missing dataset fails at once with its name, the path looked at,
+the layout expected and how to fetch it.
 
 Splits follow algorithms.md §4.1: ``test`` is the official test split; ``val`` is a seeded
 held-out fraction of the official train split (10 %, at most 5000 images, drawn as
@@ -28,13 +29,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.datasets as tvd
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from mergeloom import prompts
+
+# re-exported: the continual and domain helpers live with the task type, in mergeloom.tasks
+from mergeloom.tasks import Relabeled, Task, class_subset, labels_of, leave_one_out  # noqa: F401
 
 # MagMax's CIFAR-100 class order (``default_class_order`` in danielm1405/magmax
 # src/datasets/cifar100.py, also in algorithms.md §4.2); split t of n takes
@@ -48,18 +51,6 @@ MAGMAX_CIFAR100_ORDER = (
 )  # fmt: skip
 CIFAR100_SPLITS = (5, 10, 20, 50)  # the N of MagMax's class-incremental runs
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True, eq=False)
-class TaskData:
-    """One classification task on disk: what a zero-shot head needs, and three splits."""
-
-    name: str
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]
-    train: Dataset  # (PIL image, label) pairs; labels in 0..len(classnames)-1
-    val: Dataset
-    test: Dataset
 
 
 Build = Callable[[Path, str, bool], Dataset]  # (root, "train" | "test", download) -> dataset
@@ -203,20 +194,6 @@ def _build(name: str, root: Path, split: str, download: bool) -> Dataset:
         raise _missing(name, root, err) from err
 
 
-def labels_of(dataset: Dataset) -> torch.Tensor:
-    """Labels (N,) int64 of a torchvision-style dataset, read without decoding any image."""
-    if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
-    if isinstance(dataset, Relabeled):
-        return dataset.labels
-    for attr in ("targets", "labels", "_labels"):
-        if hasattr(dataset, attr):
-            return torch.as_tensor(np.asarray(getattr(dataset, attr)), dtype=torch.int64)
-    if hasattr(dataset, "_samples"):  # GTSRB, StanfordCars, FER2013, RenderedSST2
-        return torch.tensor([int(s[1]) for s in dataset._samples], dtype=torch.int64)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
-
-
 def train_val_indices(
     n: int, *, fraction: float = 0.1, max_size: int = 5000, seed: int = 0
 ) -> tuple[list[int], list[int]]:
@@ -248,20 +225,6 @@ def _holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(perm[size:].tolist()), sorted(perm[:size].tolist())
 
 
-class Relabeled(Dataset):
-    """The images at ``indices`` of ``dataset`` with labels mapped through ``mapping``."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int], mapping: torch.Tensor) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-        self.labels = mapping[labels_of(dataset)[torch.as_tensor(self.indices, dtype=torch.int64)]]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]][0], int(self.labels[i])
-
-
 def _task(
     name: str,
     classnames: Sequence[str],
@@ -272,11 +235,11 @@ def _task(
     val_fraction: float,
     val_max: int,
     seed: int,
-) -> TaskData:
+) -> Task:
     train_idx, val_idx = train_val_indices(
         len(train_full), fraction=val_fraction, max_size=val_max, seed=seed
     )
-    return TaskData(
+    return Task(
         name,
         tuple(classnames),
         tuple(templates),
@@ -294,7 +257,7 @@ def load_task(
     val_fraction: float = 0.1,
     val_max: int = 5000,
     seed: int = 0,
-) -> TaskData:
+) -> Task:
     """One benchmark dataset of ``SOURCES`` as a task, read from ``root``.
 
     Raises:
@@ -344,30 +307,6 @@ def cifar100_class_splits(
     return [sorted(order[100 * t // n_tasks : 100 * (t + 1) // n_tasks]) for t in range(n_tasks)]
 
 
-def class_subset(task: TaskData, classes: Sequence[int], name: str) -> TaskData:
-    """The task restricted to ``classes``, labels remapped to 0..|classes|-1 in sorted order,
-    with those classes' names: the subset head's task of a class-incremental split."""
-    classes = sorted(classes)
-    n = len(task.classnames)
-    if not classes or classes[0] < 0 or classes[-1] >= n or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be distinct indices in 0..{n - 1}, got {classes}")
-    mapping = torch.full((n,), -1, dtype=torch.int64)
-    mapping[torch.tensor(classes)] = torch.arange(len(classes))
-
-    def keep(ds: Dataset) -> Relabeled:
-        idx = torch.isin(labels_of(ds), torch.tensor(classes)).nonzero().flatten().tolist()
-        return Relabeled(ds, idx, mapping)
-
-    return TaskData(
-        name,
-        tuple(task.classnames[c] for c in classes),
-        task.templates,
-        keep(task.train),
-        keep(task.val),
-        keep(task.test),
-    )
-
-
 # ---------------------------------------------------------------- domains (algorithms.md §4.3)
 
 
@@ -384,7 +323,7 @@ def domain_tasks(
     val_fraction: float = 0.1,
     val_max: int = 5000,
     seed: int = 0,
-) -> list[TaskData]:
+) -> list[Task]:
     """One task per domain folder of ``root/<domain>/<class>/*`` (DomainNet, PACS, OfficeHome).
 
     Every domain must have the same class folders (one shared head). Test is a seeded
@@ -428,10 +367,3 @@ def domain_tasks(
             )
         )
     return tasks
-
-
-def leave_one_out(names: Sequence[str]) -> dict[str, list[str]]:
-    """held-out domain -> the source domains whose experts are merged for it."""
-    if len(names) < 2:
-        raise ValueError(f"leave-one-domain-out needs at least 2 domains, got {list(names)}")
-    return {held: [d for d in names if d != held] for held in names}

@@ -1,24 +1,26 @@
-"""Fine-tuning and evaluation over DataLoaders, for datasets that do not fit in memory; resumable.
+"""Data plumbing shared by ``mergeloom.train.finetune`` and ``mergeloom.evaluate``.
 
-``finetune_loader`` is the real-scale twin of ``train.finetune`` (same recipe, algorithms.md
-§4.1: AdamW, warm-up then cosine, gradient-norm clipping at 1.0, frozen head, image tower only)
-and reuses its schedule and optimizer helpers. What differs is where the batches come from:
+One fine-tuning loop and one evaluation path take any map-style dataset of ``(image, label)``:
+PIL images from disk or ``(3, S, S)`` tensors (``mergeloom.tasks.TensorImages``). What they
+share lives here:
 
+* ``transforms(model)``: open_clip's train/val preprocessing for PIL images; a tensor image is
+  only standardised (it is already at the model's size, and augmenting it would change the
+  in-memory digits' fixed pixels).
 * ``StepBatches`` cuts step s of a run into the images and augmentation seeds that step uses,
   from ``seed`` and s alone. Each epoch is one seeded permutation (the last batch of an epoch
-  may be short, as a DataLoader without drop_last gives, so ``steps_for`` counts
+  may be short, as a DataLoader without drop_last gives, so ``train.steps_for`` counts
   ``ceil(n / batch)`` batches per epoch, Task Arithmetic's ``len(loader)``); each image of an
   epoch gets its own augmentation seed, applied under ``torch.random.fork_rng`` in whichever
-  process decodes it. So the batch stream does not depend on the number of workers, and a run
-  resumed at step s sees exactly the batches an uninterrupted run sees.
-* A resume checkpoint (image tower, optimizer, step, global RNG state, and a fingerprint of the
-  run's settings) is written every ``checkpoint_every`` steps, atomically (temporary file, then
-  rename), loaded with ``torch.load(weights_only=True)``, and deleted after a successful finish.
-  With the same seed, a run killed and restarted ends bit-identical to an uninterrupted one on
-  the CPU (tests/test_resume.py kills a real subprocess).
+  process decodes it (``Transformed``). So the batch stream does not depend on the number of
+  workers, and a run resumed at step s sees exactly the batches an uninterrupted run sees.
+* ``tensor_view`` finds the one tensor behind a TensorImages (or a Subset / Relabeled of one),
+  so that batches can be sliced from it directly instead of item by item.
+* Resume checkpoints (image tower, optimizer, step, global RNG state, and a fingerprint of the
+  run's settings), written atomically (temporary file, then rename) and loaded with
+  ``torch.load(weights_only=True)``.
 
-On CUDA the forward runs under bf16 autocast, batches come from pinned memory, and the weights and
-optimizer state stay float32. ``device="auto"`` picks CUDA when present.
+On CUDA the forward runs under bf16 autocast and batches come from pinned memory.
 """
 
 from __future__ import annotations
@@ -35,25 +37,61 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from mergeloom.clip import StateDict, image_encoder_state, load_image_encoder, pick_device
-from mergeloom.train import Log, _adamw, _check, _update, cosine_schedule
+from mergeloom.clip import image_encoder_state, load_image_encoder
+from mergeloom.tasks import Relabeled, TensorImages
 
 logger = logging.getLogger(__name__)
 
 
-def transforms(model: open_clip.CLIP) -> tuple:
-    """(train, val) transforms of open_clip for ``model``: PIL image -> normalized tensor.
+class ImageTransform:
+    """One of a model's preprocessing transforms: a PIL image goes through open_clip's
+    pipeline; a tensor image (3, S, S) or batch (B, 3, S, S) in [0, 1] at the model's size is
+    only standardised with the model's mean and std (no augmentation, no resize)."""
 
-    Train is RandomResizedCrop(scale 0.9-1.0, bicubic) as open_clip_train; val resizes and
-    centre-crops. Evaluation always uses val (algorithms.md §7 trap 19).
+    def __init__(self, pil, mean, std, size: tuple[int, int]) -> None:
+        self.pil, self.size = pil, tuple(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image):
+        if not isinstance(image, torch.Tensor):
+            return self.pil(image)
+        if image.ndim not in (3, 4) or image.shape[-3] != len(self.mean):
+            raise ValueError(
+                f"a tensor image must be ({len(self.mean)}, S, S) or (B, {len(self.mean)}, S, S), "
+                f"got shape {tuple(image.shape)}"
+            )
+        if tuple(image.shape[-2:]) != self.size:
+            raise ValueError(
+                f"tensor images are {tuple(image.shape[-2:])} but the model takes {self.size}: "
+                "tensor images are not resized, build them at the model's image size"
+            )
+        if not image.is_floating_point():
+            raise ValueError(f"tensor images must be floats in [0, 1], got {image.dtype}")
+        mean, std = self.mean.to(image.device), self.std.to(image.device)
+        return (image - mean) / std
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, pil={self.pil!r})"
+
+
+def transforms(model: open_clip.CLIP) -> tuple[ImageTransform, ImageTransform]:
+    """(train, val) transforms for ``model``: image -> normalized tensor.
+
+    For PIL images, train is open_clip_train's RandomResizedCrop (scale 0.9-1.0, bicubic) and
+    val resizes and centre-crops. For tensor images both only standardise, and refuse a size
+    other than the model's. Evaluation always uses val (algorithms.md §7 trap 19).
     """
     cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(model)))
-    return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
+    size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)
+    return tuple(
+        ImageTransform(image_transform_v2(cfg, is_train=is_train), cfg.mean, cfg.std, size)
+        for is_train in (True, False)
+    )
 
 
 def check_head(head: torch.Tensor, num_classes: int, what: str = "data") -> None:
@@ -63,15 +101,6 @@ def check_head(head: torch.Tensor, num_classes: int, what: str = "data") -> None
             f"class-count mismatch: the head has {head.shape[-1]} classes (shape "
             f"{tuple(head.shape)}), the {what} has {num_classes}"
         )
-
-
-def steps_for(n_images: int, batch_size: int, epochs: float) -> int:
-    """Optimizer steps of ``epochs`` passes over ``n_images`` (short last batch counted)."""
-    if n_images < 1 or batch_size < 1 or epochs <= 0:
-        raise ValueError(
-            f"need n_images, batch_size >= 1 and epochs > 0, got {n_images}, {batch_size}, {epochs}"
-        )
-    return max(1, round(epochs * math.ceil(n_images / batch_size)))
 
 
 def _epoch_plan(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +140,7 @@ class StepBatches(Sampler):
 
 
 class Transformed(Dataset):
-    """``(transform(image), label)`` of a ``(PIL image, label)`` dataset.
+    """``(transform(image), label)`` of an ``(image, label)`` dataset.
 
     An item asked for as ``(index, seed)`` is transformed under that seed without touching the
     caller's RNG, so random augmentation is a function of the seed alone.
@@ -146,6 +175,29 @@ def _loader(dataset: Dataset, device: torch.device, num_workers: int, **kwargs) 
 
 def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def tensor_view(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(images tensor, row of each item or None for every row) when the items of ``dataset``
+    are rows of one TensorImages, directly or through Subset / Relabeled; else None."""
+    if isinstance(dataset, TensorImages):
+        return dataset.images, None
+    if isinstance(dataset, (Subset, Relabeled)):
+        inner = tensor_view(dataset.dataset)
+        if inner is None:
+            return None
+        images, rows = inner
+        mine = torch.as_tensor(dataset.indices, dtype=torch.int64)
+        return images, mine if rows is None else rows[mine]
+    return None
+
+
+def transform_batch(transform, images: torch.Tensor) -> torch.Tensor:
+    """``transform`` applied to each image of a (B, 3, S, S) batch, stacked as a DataLoader
+    would collate them; an ImageTransform does the whole batch in one go (same values)."""
+    if isinstance(transform, ImageTransform):
+        return transform(images)
+    return torch.stack([transform(image) for image in images])
 
 
 # ---------------------------------------------------------------- resume checkpoints
@@ -212,181 +264,3 @@ def _save_resume(path: Path, fingerprint: str, step: int, model, optimizer) -> N
             "cuda_rng": cuda_rng,
         },
     )
-
-
-# ---------------------------------------------------------------- loops
-
-
-def _accumulated_step(model, head, x, y, optimizer, grad_clip, parts: int):
-    """One optimizer step over (x, y) in ``parts`` micro-batches: the summed gradients are those
-    of the batch mean, also for a short last batch. Returns the batch loss and logits."""
-    optimizer.zero_grad(set_to_none=True)
-    losses, outs = [], []
-    for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
-        with _autocast(x.device):
-            out = model.encode_image(xs, normalize=True) @ head  # (b, C)
-        loss = F.cross_entropy(out.float(), ys, reduction="sum") / len(y)
-        loss.backward()
-        losses.append(loss.detach())
-        outs.append(out.detach())
-    if grad_clip is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    return torch.stack(losses).sum(), torch.cat(outs)
-
-
-def finetune_loader(
-    model: open_clip.CLIP,
-    head: torch.Tensor,
-    dataset: Dataset,
-    *,
-    transform,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int,
-    seed: int,
-    device: str | torch.device = "auto",
-    num_workers: int = 0,
-    grad_clip: float | None = 1.0,
-    accumulate: int = 1,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    num_classes: int | None = None,
-    log: Log | None = None,
-) -> StateDict:
-    """Fine-tune ``model.visual`` in place on a ``(PIL image, label)`` dataset through ``head``.
-
-    Args:
-        head: (embed_dim, C) frozen zero-shot head; labels must lie in 0..C-1.
-        transform: PIL image -> normalized tensor (``transforms(model)[0]``).
-        device: "auto", "cpu", "cuda[:N]" or a torch.device.
-        num_workers: DataLoader worker processes (0: decode in this process).
-        accumulate: Split each batch into this many micro-batches whose gradients are summed
-            before the step (memory for time; the protocol's ViT-L-14 uses 128 = 2 x 64).
-        checkpoint: Resume file, kept outside any DVC output; None: no checkpoints.
-        checkpoint_every: Write ``checkpoint`` every this many steps (0: never).
-        num_classes: The data's class count, checked against the head's when given.
-        log: Called as ``log(step, {"loss", "accuracy", "lr"})``.
-
-    Returns:
-        The fine-tuned ``image_encoder_state(model)``.
-
-    Raises:
-        ValueError: Bad hyperparameters, an empty dataset, or a class-count mismatch between
-            the head and the data (both numbers named).
-    """
-    if num_classes is not None:
-        check_head(head, num_classes)
-    _check(steps, batch_size, lr, warmup_steps, len(dataset), len(dataset))
-    if accumulate < 1 or batch_size % accumulate:
-        raise ValueError(
-            f"accumulate must be >= 1 and divide batch_size {batch_size}, got {accumulate}"
-        )
-    if checkpoint_every < 0 or num_workers < 0:
-        raise ValueError(
-            f"checkpoint_every and num_workers must be >= 0, got {checkpoint_every}, {num_workers}"
-        )
-    device = pick_device(device) if isinstance(device, str) else device
-    n_classes = head.shape[1]
-    settings = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "wd": weight_decay,
-        "warmup": warmup_steps,
-        "seed": seed,
-        "n": len(dataset),
-        "clip": grad_clip,
-        "accumulate": accumulate,
-    }
-    fingerprint = _fingerprint(model, head, settings) if checkpoint is not None else ""
-    torch.manual_seed(seed)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("visual."))
-    try:
-        model.to(device).train()
-        head = head.detach().to(device)
-        optimizer = _adamw(list(model.visual.parameters()), lr, weight_decay, device)
-        start = _resume(checkpoint, fingerprint, model, optimizer)
-        sampler = StepBatches(len(dataset), batch_size, steps, seed, start)
-        loader = _loader(
-            Transformed(dataset, transform), device, num_workers, batch_sampler=sampler
-        )
-        for step, (x, y) in enumerate(loader, start=start):
-            if int(y.max()) >= n_classes or int(y.min()) < 0:
-                raise ValueError(
-                    f"class-count mismatch: a label {int(y.max())} in the data, but "
-                    f"the head has {n_classes} classes"
-                )
-            for group in optimizer.param_groups:
-                group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if accumulate == 1:
-                with _autocast(device):
-                    out = model.encode_image(x, normalize=True) @ head  # (B, C)
-                loss = F.cross_entropy(out.float(), y)
-                _update(optimizer, loss, grad_clip)
-            else:
-                loss, out = _accumulated_step(model, head, x, y, optimizer, grad_clip, accumulate)
-            if log is not None:
-                accuracy = (out.argmax(dim=1) == y).float().mean().item()
-                lr_now = optimizer.param_groups[0]["lr"]
-                log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
-            done = step + 1
-            due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
-            if checkpoint is not None and due:  # no checkpoint after the last step
-                _save_resume(checkpoint, fingerprint, done, model, optimizer)
-    finally:
-        model.eval()
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
-    return image_encoder_state(model)
-
-
-def predict_loader(
-    model: open_clip.CLIP,
-    head: torch.Tensor,
-    dataset: Dataset,
-    *,
-    transform,
-    batch_size: int = 256,
-    device: str | torch.device = "auto",
-    num_workers: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted, true) labels, int64 on the CPU, of ``dataset`` under the val ``transform``."""
-    if batch_size < 1 or len(dataset) == 0:
-        raise ValueError(
-            f"need batch_size >= 1 and a non-empty dataset, got {batch_size}, {len(dataset)} images"
-        )
-    device = pick_device(device) if isinstance(device, str) else device
-    model.to(device).eval()
-    head = head.to(device)
-    loader = _loader(
-        Transformed(dataset, transform), device, num_workers, batch_size=batch_size, shuffle=False
-    )
-    preds, labels = [], []
-    with torch.inference_mode(), _autocast(device):
-        for x, y in loader:
-            feats = model.encode_image(x.to(device, non_blocking=True), normalize=True)
-            preds.append((feats @ head).argmax(dim=1).cpu())
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
-
-
-def accuracy_loader(
-    model: open_clip.CLIP, head: torch.Tensor, dataset: Dataset, *, num_classes: int, **kwargs
-) -> float:
-    """Top-1 accuracy in [0, 1]; ``num_classes`` (the data's) must match the head's.
-
-    Raises:
-        ValueError: The head and the data have different class counts.
-    """
-    check_head(head, num_classes)
-    preds, labels = predict_loader(model, head, dataset, **kwargs)
-    return (preds == labels).float().mean().item()

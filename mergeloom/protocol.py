@@ -16,16 +16,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset, Subset
 
-from mergeloom.data import Split, Task
+from mergeloom.tasks import Task, labels_of
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvalSet:
+    """Where a merged encoder is scored: a head and the val/test datasets it classifies."""
+
     name: str
     head: torch.Tensor  # (embed_dim, C)
-    val: Split
-    test: Split
+    val: Dataset
+    test: Dataset
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,11 @@ class Problem:
     primary: tuple[str, ...]  # eval sets averaged for the headline number and the oracle
 
 
-def _subset(split: Split, classes: Sequence[int]) -> Split:
-    keep = torch.isin(split.labels, torch.tensor(list(classes)))
-    return Split(images=split.images[keep], labels=split.labels[keep])
+def _subset(split: Dataset, classes: Sequence[int]) -> Subset:
+    """The items of ``split`` whose label is in ``classes``, labels unchanged (an index view:
+    evaluation reuses the full split's features for it)."""
+    keep = torch.isin(labels_of(split), torch.tensor(list(classes), dtype=torch.int64))
+    return Subset(split, keep.nonzero().flatten().tolist())
 
 
 def multitask_problems(tasks: Sequence[Task], heads: Mapping[str, torch.Tensor]) -> list[Problem]:

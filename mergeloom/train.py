@@ -1,9 +1,15 @@
 """Training loops: contrastive pretraining of a CLIP, and fine-tuning of its image tower.
 
-``finetune`` follows the Task Arithmetic recipe (algorithms.md §4.1): AdamW, linear warm-up then
+``finetune`` is the one fine-tuning loop, for in-memory digits and benchmark datasets on disk
+alike. It follows the Task Arithmetic recipe (algorithms.md §4.1): AdamW, linear warm-up then
 cosine decay to 0, gradient-norm clipping at 1.0, frozen zero-shot head, only ``model.visual``
-trains. Both loops take tensors, not loaders: batches are drawn by index with a seeded
-generator, so a run is reproducible bit for bit on the CPU.
+trains. Batches come from ``loops.StepBatches`` (step s's images and augmentation seeds are a
+function of ``seed`` and s alone), so a run is reproducible bit for bit on the CPU, whatever the
+number of DataLoader workers, and resumable from a checkpoint (tests/test_resume.py kills a real
+subprocess). A TensorImages dataset is batched by slicing its tensor, with the same values.
+
+``pretrain`` takes image tensors and captions; its batches are drawn by index with a seeded
+generator.
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, logits, normalize_images
+from mergeloom import loops
+from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, normalize_images, pick_device
+from mergeloom.tasks import labels_of
 
 logger = logging.getLogger(__name__)
 Log = Callable[[int, dict[str, float]], None]
@@ -39,6 +49,15 @@ def cosine_schedule(step: int, *, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)  # clamped past the end
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_for(n_images: int, batch_size: int, epochs: float) -> int:
+    """Optimizer steps of ``epochs`` passes over ``n_images`` (short last batch counted)."""
+    if n_images < 1 or batch_size < 1 or epochs <= 0:
+        raise ValueError(
+            f"need n_images, batch_size >= 1 and epochs > 0, got {n_images}, {batch_size}, {epochs}"
+        )
+    return max(1, round(epochs * math.ceil(n_images / batch_size)))
 
 
 def _check(steps: int, batch_size: int, lr: float, warmup_steps: int, n: int, m: int) -> None:
@@ -165,12 +184,61 @@ def pretrain(
     model.eval()
 
 
+def _accumulated_step(model, head, x, y, optimizer, grad_clip, parts: int):
+    """One optimizer step over (x, y) in ``parts`` micro-batches: the summed gradients are those
+    of the batch mean, also for a short last batch. Returns the batch loss and logits."""
+    optimizer.zero_grad(set_to_none=True)
+    losses, outs = [], []
+    for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+        with loops._autocast(x.device):
+            out = model.encode_image(xs, normalize=True) @ head  # (b, C)
+        loss = F.cross_entropy(out.float(), ys, reduction="sum") / len(y)
+        loss.backward()
+        losses.append(loss.detach())
+        outs.append(out.detach())
+    if grad_clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return torch.stack(losses).sum(), torch.cat(outs)
+
+
+def _train_step(model, head, x, y, optimizer, grad_clip, accumulate: int):
+    """One optimizer step on the batch (x, y); its loss and logits (B, C)."""
+    if accumulate > 1:
+        return _accumulated_step(model, head, x, y, optimizer, grad_clip, accumulate)
+    with loops._autocast(x.device):
+        out = model.encode_image(x, normalize=True) @ head  # (B, C)
+    loss = F.cross_entropy(out.float(), y)
+    _update(optimizer, loss, grad_clip)
+    return loss, out
+
+
+def _train_batches(
+    dataset: Dataset, transform, sampler: loops.StepBatches, device: torch.device, workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each step. Rows of a TensorImages under an ImageTransform (no random
+    augmentation on tensors) are sliced straight from its tensor, skipping the per-item
+    DataLoader path that would give the same values."""
+    view = loops.tensor_view(dataset)
+    if view is not None and isinstance(transform, loops.ImageTransform):
+        images, rows = view
+        labels = labels_of(dataset)
+        for batch in sampler:
+            idx = torch.tensor([i for i, _ in batch], dtype=torch.int64)
+            picked = images[idx if rows is None else rows[idx]]
+            yield transform(picked.to(device, non_blocking=True)), labels[idx]
+        return
+    data = loops.Transformed(dataset, transform)
+    yield from loops._loader(data, device, workers, batch_sampler=sampler)
+
+
 def finetune(
     model: open_clip.CLIP,
     head: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    dataset: Dataset,
     *,
+    transform,
     steps: int,
     batch_size: int,
     lr: float,
@@ -178,59 +246,102 @@ def finetune(
     warmup_steps: int,
     seed: int,
     device: str | torch.device,
-    log: Log | None = None,
     grad_clip: float | None = 1.0,
+    accumulate: int = 1,
+    num_workers: int = 0,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    num_classes: int | None = None,
+    log: Log | None = None,
 ) -> StateDict:
-    """Fine-tune the image tower with cross-entropy through a frozen zero-shot head, in place.
+    """Fine-tune ``model.visual`` in place on an ``(image, label)`` dataset through ``head``.
 
     Everything but ``model.visual`` is frozen for the run (the text tower, and hence the head,
     must stay the pretrained ones so that task vectors live in the image tower only); the
-    ``requires_grad`` flags are restored afterwards.
+    ``requires_grad`` flags are restored afterwards and the model is left in eval mode.
 
     Args:
-        head: (embed_dim, C) zero-shot head from ``clip.zeroshot_head``.
-        images: (N, 3, S, S) in [0, 1].
-        labels: N class indices in [0, C).
-        log: Called as ``log(step, {"loss", "accuracy", "lr"})``; accuracy is the batch's.
+        head: (embed_dim, C) frozen zero-shot head; labels must lie in 0..C-1.
+        dataset: PIL images (from disk) or tensor images (TensorImages) with int labels.
+        transform: image -> normalized tensor (``loops.transforms(model)[0]``).
+        device: "auto", "cpu", "cuda[:N]" or a torch.device.
         grad_clip: Maximum gradient norm, None for no clipping.
+        accumulate: Split each batch into this many micro-batches whose gradients are summed
+            before the step (memory for time; the protocol's ViT-L-14 uses 128 = 2 x 64).
+        num_workers: DataLoader worker processes (0: decode in this process).
+        checkpoint: Resume file, kept outside any DVC output; None: no checkpoints.
+        checkpoint_every: Write ``checkpoint`` every this many steps (0: never).
+        num_classes: The data's class count, checked against the head's when given.
+        log: Called as ``log(step, {"loss", "accuracy", "lr"})``; accuracy is the batch's.
 
     Returns:
         The fine-tuned ``image_encoder_state(model)``.
 
     Raises:
-        ValueError: Bad hyperparameters, image/label counts, or labels outside the head.
+        ValueError: Bad hyperparameters, an empty dataset, or a class-count mismatch between
+            the head and the data (both numbers named).
     """
-    _check(steps, batch_size, lr, warmup_steps, len(images), len(labels))
-    if labels.ndim != 1 or labels.is_floating_point() or labels.min() < 0:
-        raise ValueError(f"labels must be a 1-D integer tensor >= 0, got {labels.dtype} {labels}")
-    if labels.max() >= head.shape[-1]:
+    if num_classes is not None:
+        loops.check_head(head, num_classes)
+    _check(steps, batch_size, lr, warmup_steps, len(dataset), len(dataset))
+    if accumulate < 1 or batch_size % accumulate:
         raise ValueError(
-            f"labels go up to {int(labels.max())} but the head has {head.shape[-1]} classes"
+            f"accumulate must be >= 1 and divide batch_size {batch_size}, got {accumulate}"
         )
-    device = torch.device(device)
+    if checkpoint_every < 0 or num_workers < 0:
+        raise ValueError(
+            f"checkpoint_every and num_workers must be >= 0, got {checkpoint_every}, {num_workers}"
+        )
+    device = pick_device(device) if isinstance(device, str) else device
+    n_classes = head.shape[1]
+    settings = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "wd": weight_decay,
+        "warmup": warmup_steps,
+        "seed": seed,
+        "n": len(dataset),
+        "clip": grad_clip,
+        "accumulate": accumulate,
+    }
+    fingerprint = loops._fingerprint(model, head, settings) if checkpoint is not None else ""
     torch.manual_seed(seed)
-    head = head.detach().to(device)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("visual."))
-
     try:
         model.to(device).train()
+        head = head.detach().to(device)
         optimizer = _adamw(list(model.visual.parameters()), lr, weight_decay, device)
-        batches = _batches(len(images), batch_size, steps, seed)
-        for step, idx in _scheduled(
-            optimizer, batches, steps=steps, warmup_steps=warmup_steps, desc="finetune"
-        ):
-            y = labels[idx.to(labels.device)].to(device)
-            out = logits(model, head, images[idx.to(images.device)].to(device))  # (B, C)
-            loss = F.cross_entropy(out, y)
-            _update(optimizer, loss, grad_clip)
-            if log is not None:
-                accuracy = (out.argmax(dim=1) == y).float().mean().item()
-                lr_now = optimizer.param_groups[0]["lr"]
-                log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
+        start = loops._resume(checkpoint, fingerprint, model, optimizer)
+        sampler = loops.StepBatches(len(dataset), batch_size, steps, seed, start)
+        batches = _train_batches(dataset, transform, sampler, device, num_workers)
+        progress = tqdm(batches, total=steps, initial=start, desc="finetune", disable=None)
+        with progress:
+            for step, (x, y) in enumerate(progress, start=start):
+                bad = y[(y < 0) | (y >= n_classes)]
+                if len(bad):
+                    raise ValueError(
+                        f"class-count mismatch: a label {int(bad[0])} in the data, but "
+                        f"the head has {n_classes} classes"
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss, out = _train_step(model, head, x, y, optimizer, grad_clip, accumulate)
+                if log is not None:  # .item() syncs a GPU, so only when someone listens
+                    accuracy = (out.argmax(dim=1) == y).float().mean().item()
+                    lr_now = optimizer.param_groups[0]["lr"]
+                    log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
+                done = step + 1
+                due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
+                if checkpoint is not None and due:  # no checkpoint after the last step
+                    loops._save_resume(checkpoint, fingerprint, done, model, optimizer)
     finally:
         model.eval()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return image_encoder_state(model)

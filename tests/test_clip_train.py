@@ -1,13 +1,19 @@
-"""open_clip glue, training loops and evaluation on the tiny config in configs/ (CPU, offline)."""
+"""open_clip glue, the fine-tuning loop, transforms and evaluation on the tiny config in configs/
+(CPU, offline): real open_clip models, no mocks."""
 
 import copy
 import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from open_clip import get_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.data import Dataset, Subset
 
 from mergeloom.clip import (
     full_state,
@@ -20,13 +26,17 @@ from mergeloom.clip import (
     pick_device,
     zeroshot_head,
 )
-from mergeloom.evaluate import accuracy, predict
+from mergeloom.evaluate import accuracy, features, score
+from mergeloom.loops import transforms as clip_transforms
+from mergeloom.protocol import EvalSet
+from mergeloom.tasks import Relabeled, TensorImages
 from mergeloom.train import cosine_schedule, finetune, pretrain
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny-vit.json"
 CLASSES = ["red", "green", "blue", "gray"]
 TEMPLATES = ["a photo of {}.", "a {} thing."]
 FT = dict(batch_size=16, lr=1e-3, weight_decay=0.1, warmup_steps=2, seed=0, device="cpu")
+EVAL = dict(batch_size=16, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,12 @@ def data():
     labels = torch.arange(64) % 4
     colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]])[labels]
     noise = torch.rand(64, 3, 16, 16, generator=g)
-    return (0.6 * colours[:, :, None, None] + 0.4 * noise).clamp(0, 1), labels
+    return TensorImages((0.6 * colours[:, :, None, None] + 0.4 * noise).clamp(0, 1), labels)
+
+
+@pytest.fixture(scope="module")
+def transforms(built):
+    return clip_transforms(built[0])
 
 
 def test_load_clip_from_config_path(model, tokenizer):
@@ -84,7 +99,7 @@ def test_zeroshot_head_shape_and_column_norms(model, tokenizer, head):
 
 
 def test_logits_normalize_then_project(model, head, data):
-    images = data[0][:5]
+    images = data.images[:5]
     out = logits(model, head, images)
     assert out.shape == (5, 4)
     features = model.encode_image(normalize_images(model, images))
@@ -134,13 +149,18 @@ def test_full_state_round_trip(model):
         load_full_state(other, {k: v for k, v in state.items() if k != "visual.proj"})
 
 
-def test_finetune_trains_only_the_image_tower_and_fits(model, head, data):
-    images, labels = data
+def test_finetune_trains_only_the_image_tower_and_fits(model, head, data, transforms):
     before = full_state(model)
     history = []
     kw = FT | dict(batch_size=64, warmup_steps=5)
     state = finetune(
-        model, head, images, labels, steps=40, log=lambda s, d: history.append(d), **kw
+        model,
+        head,
+        data,
+        transform=transforms[0],
+        steps=40,
+        log=lambda s, d: history.append(d),
+        **kw,
     )
     after = full_state(model)
     text = [k for k in before if not k.startswith("visual.")]
@@ -150,37 +170,63 @@ def test_finetune_trains_only_the_image_tower_and_fits(model, head, data):
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert len(history) == 40 and set(history[0]) == {"loss", "accuracy", "lr"}
     assert history[-1]["loss"] < 0.3 * history[0]["loss"]
-    assert accuracy(model, head, images, labels, device="cpu") >= 0.95
+    assert accuracy(model, head, data, **EVAL | dict(transform=transforms[1])) >= 0.95
 
 
-def test_finetune_is_deterministic(built, head, data):
-    images, labels = data
-    runs = [
-        finetune(copy.deepcopy(built[0]), head, images, labels, steps=3, **FT | dict(seed=seed))
-        for seed in (0, 0, 1)
-    ]
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+class Items(Dataset):
+    """The items of a dataset with its tensor hidden, so that the DataLoader path runs."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def test_finetune_is_deterministic_and_independent_of_workers(built, head, data, transforms):
+    def run(dataset, seed=0, workers=0):
+        kw = FT | dict(
+            seed=seed, batch_size=24, num_workers=workers
+        )  # short last batch: 64 = 24+24+16
+        model = copy.deepcopy(built[0])
+        return finetune(model, head, dataset, transform=transforms[0], steps=4, **kw)
+
+    runs = [run(data), run(data), run(data, seed=1), run(Items(data)), run(Items(data), workers=2)]
+    for other in (runs[1], runs[3], runs[4]):  # sliced or item by item, in 0 or 2 workers
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
     assert not torch.equal(runs[0]["proj"], runs[2]["proj"])  # the seed picks the batches
 
 
-def test_finetune_rejects_bad_input(model, head, data):
-    images, labels = data
-    with pytest.raises(ValueError, match="labels go up to 9 but the head has 2 classes"):
-        finetune(model, head[:, :2], images[:10], torch.arange(10), steps=1, **FT)
-    with pytest.raises(ValueError, match="10 images, 9"):
-        finetune(model, head, images[:10], labels[:9], steps=1, **FT)
+def test_finetune_rejects_bad_input(model, head, data, transforms):
+    ft = FT | dict(transform=transforms[0])
+    ten = TensorImages(data.images[:10], torch.arange(10))
+    with pytest.raises(ValueError, match="a label [2-9] in the data, but the head has 2 classes"):
+        finetune(model, head[:, :2], ten, steps=1, **ft)
+    with pytest.raises(ValueError, match="the head has 2 classes .*the data has 4"):
+        finetune(model, head[:, :2], data, steps=1, num_classes=4, **ft)
     for bad in (dict(steps=0), dict(steps=1, batch_size=0), dict(steps=1, lr=0.0)):
         with pytest.raises(ValueError, match="need steps >= 1"):
-            finetune(model, head, images, labels, **FT | bad)
+            finetune(model, head, data, **ft | bad)
+    with pytest.raises(ValueError, match="got 0 images"):
+        finetune(model, head, TensorImages(data.images[:0], data.labels[:0]), steps=1, **ft)
+    small = TensorImages(torch.rand(4, 3, 8, 8), torch.arange(4))
+    with pytest.raises(
+        ValueError, match=r"tensor images are \(8, 8\) but the model takes \(16, 16\)"
+    ):
+        finetune(model, head, small, steps=1, **ft)
 
 
-def test_long_warmup_still_trains_and_warns(model, head, data, caplog):
+def test_long_warmup_still_trains_and_warns(model, head, data, transforms, caplog):
     history = []
     with caplog.at_level(logging.WARNING, logger="mergeloom.train"):
         finetune(
             model,
             head,
-            *data,
+            data,
+            transform=transforms[0],
             steps=2,
             log=lambda s, d: history.append(d),
             **FT | dict(warmup_steps=8),
@@ -190,7 +236,7 @@ def test_long_warmup_still_trains_and_warns(model, head, data, caplog):
 
 
 def test_pretrain_lowers_the_contrastive_loss(model, tokenizer, data):
-    images, labels = data
+    images, labels = data.images, data.labels
     captions = [f"a photo of {CLASSES[i]}." for i in labels]
     before = full_state(model)
     history = []
@@ -216,18 +262,102 @@ def test_cosine_schedule():
         cosine_schedule(0, total=0, warmup=0)
 
 
-def test_accuracy_equals_manual_computation(model, head, data):
-    images, labels = data
-    preds = predict(model, head, images, batch_size=7, device="cpu")
-    assert preds.dtype == torch.int64 and preds.shape == (64,)
+def test_accuracy_equals_manual_computation(model, head, data, transforms):
+    val_tf = transforms[1]
     with torch.no_grad():
-        manual = (logits(model, head, images).argmax(dim=1) == labels).float().mean().item()
-    assert torch.equal(preds, logits(model, head, images).argmax(dim=1))
-    acc = accuracy(model, head, images, labels, batch_size=7, device="cpu")
+        expected = logits(model, head, data.images)
+    feats = features(model, data, transform=val_tf, batch_size=7, device="cpu")
+    assert feats.dtype == torch.float32 and feats.shape == (64, 32)
+    torch.testing.assert_close(feats @ head, expected)
+    manual = (expected.argmax(dim=1) == data.labels).float().mean().item()
+    acc = accuracy(model, head, data, **EVAL | dict(transform=val_tf, batch_size=7))
     assert 0.0 <= acc <= 1.0 and acc == pytest.approx(manual)
-    assert accuracy(model, head, images, (preds + 1) % 4, device="cpu") == 0.0
-    with pytest.raises(ValueError, match="64 images and 3 labels"):
-        accuracy(model, head, images, labels[:3], device="cpu")
+    wrong = TensorImages(data.images, (expected.argmax(dim=1) + 1) % 4)
+    assert accuracy(model, head, wrong, **EVAL | dict(transform=val_tf)) == 0.0
+    with pytest.raises(ValueError, match="the head has 4 classes .*the data has 3"):
+        accuracy(model, head, data, num_classes=3, **EVAL | dict(transform=val_tf))
+    with pytest.raises(ValueError, match="got 0 images"):
+        accuracy(model, head, Subset(data, []), **EVAL | dict(transform=val_tf))
+
+
+def test_sliced_evaluation_equals_the_dataloader_path(model, data, transforms):
+    """TensorImages (and Subset / Relabeled views of it) are batched by slicing the tensor;
+    the features are bit-identical to a DataLoader over the same items."""
+    mapping = torch.tensor([1, 0, -1, -1])
+    views = [
+        data,
+        Subset(data, [5, 3, 60, 0, 9]),
+        Relabeled(Subset(data, range(40)), range(30), mapping),
+    ]
+    for transform in (transforms[1], lambda x: x * 2):  # batched ImageTransform or item by item
+        for view in views:
+            kw = dict(transform=transform, batch_size=6, device="cpu")
+            fast = features(model, view, **kw)
+            slow = features(model, Items(view), **kw)
+            assert torch.equal(fast, slow) and len(fast) == len(view)
+        workers = features(
+            model, Items(data), num_workers=2, transform=transform, batch_size=6, device="cpu"
+        )
+        assert torch.equal(
+            features(model, data, transform=transform, batch_size=6, device="cpu"), workers
+        )
+
+
+def test_score_reuses_features_and_matches_accuracy(model, head, data, transforms):
+    """score == accuracy per set and split, also for sets that are views of another set."""
+    kw = EVAL | dict(transform=transforms[1], batch_size=10)
+    other = TensorImages(data.images.flip(0).contiguous(), data.labels.flip(0).contiguous())
+    part = Subset(data, [i for i in range(64) if data.labels[i] in (0, 2)])
+    sets = [
+        EvalSet("all", head, data, other),
+        EvalSet("part", head, part, Subset(other, range(7))),
+        EvalSet("items", head[:, :3], Items(Subset(data, range(30))), data),
+    ]
+    visual = image_encoder_state(model)
+    encoded = []
+    hook = model.visual.register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
+    scores = score(model, visual, sets, **kw)
+    hook.remove()
+    assert sum(encoded) == 64 + 64 + 30  # views of an encoded split reuse its features
+    assert encoded[:12] == [10] * 12  # the two tensor splits go through as one stream
+    for s in sets:
+        for split in ("val", "test"):
+            assert scores[s.name][split] == pytest.approx(
+                accuracy(model, s.head, getattr(s, split), **kw)
+            )
+    assert score(model, visual, sets[:1], splits=("test",), **kw) == {
+        "all": {"test": scores["all"]["test"]}
+    }
+    with pytest.raises(ValueError, match="empty/val: needs at least one image"):
+        score(model, visual, [EvalSet("empty", head, Subset(data, []), data)], **kw)
+
+
+def test_tensor_transforms_normalize_and_refuse_another_size(model, transforms):
+    train_tf, val_tf = transforms
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    for tf in transforms:
+        assert tf(mean.expand(3, 16, 16)).abs().max() < 1e-6
+        x = torch.rand(5, 3, 16, 16)
+        assert torch.equal(tf(x), (x - mean) / std)  # no augmentation, no resize
+        assert torch.equal(tf(x), normalize_images(model, x))
+        assert torch.equal(tf(x[2]), tf(x)[2])  # an item as in its batch
+        with pytest.raises(ValueError, match=r"\(32, 32\) but the model takes \(16, 16\)"):
+            tf(torch.rand(3, 32, 32))
+        with pytest.raises(ValueError, match=r"got shape \(16, 16\)"):
+            tf(torch.rand(16, 16))
+
+
+def test_pil_transforms_are_open_clips(model, transforms):
+    """PIL images keep open_clip's pipelines: resize + centre crop (val), random crop (train)."""
+    cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(model)))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    want = image_transform_v2(cfg, is_train=False)(image)
+    assert want.shape == (3, 16, 16) and torch.equal(transforms[1](image), want)
+    torch.manual_seed(3)
+    want = image_transform_v2(cfg, is_train=True)(image)
+    torch.manual_seed(3)
+    assert torch.equal(transforms[0](image), want)
 
 
 def test_pick_device():

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from mergeloom import data
+from mergeloom.tasks import Task, TensorImages
 
 ORDER = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
 SPLITS = ("train", "val", "test")
@@ -72,6 +74,49 @@ def test_every_task_has_valid_shapes_dtypes_and_labels(splits, multitask):
             assert torch.equal(part.images[:, 0], part.images[:, 2])
             assert part.labels.min() >= 0 and part.labels.max() < len(task.classnames)
         assert set(task.train.labels.tolist()) == set(range(len(task.classnames))), task.name
+
+
+def test_builders_return_tasks_of_tensor_images(splits, multitask):
+    built = [
+        *multitask.values(),
+        *data.continual_tasks(ORDER, 2, splits=splits),
+        data.full_test(splits=splits),
+        *data.domain_tasks(["plain", "noisy"], splits=splits),
+    ]
+    for task in built:
+        assert isinstance(task, Task)
+        assert all(isinstance(part, TensorImages) for part in _parts(task))
+        image, label = task.test[0]
+        assert torch.equal(image, task.test.images[0]) and label == int(task.test.labels[0])
+        assert isinstance(label, int)
+
+
+def test_tensors_are_the_digits_bit_for_bit(splits, multitask):
+    """The images are sklearn's digits / 16, upsampled bilinearly, then transformed: computed
+    here independently, bit-identical to the builders' tensors."""
+    bunch = load_digits()
+    pixels = torch.from_numpy(bunch.images.astype("float32") / 16.0)
+    targets = torch.from_numpy(bunch.target.astype("int64"))
+    for split in SPLITS:
+        idx = torch.tensor(splits[split])
+        plain = F.interpolate(pixels[idx].unsqueeze(1), size=(16, 16), mode="bilinear")
+        plain = plain.expand(-1, 3, -1, -1)
+        checks = {
+            "digits": (plain, targets[idx]),
+            "rotated": (torch.rot90(plain, 1, dims=(-2, -1)), targets[idx]),
+            "inverted": (1.0 - plain, targets[idx]),
+            "mirrored": (plain.flip(-1), targets[idx]),
+            "parity": (plain, targets[idx] % 2),
+            "magnitude": (plain, (targets[idx] >= 5).long()),
+        }
+        for name, (images, labels) in checks.items():
+            part = getattr(multitask[name], split)
+            assert torch.equal(part.images, images), (name, split)
+            assert torch.equal(part.labels, labels), (name, split)
+    split0 = data.continual_tasks(ORDER, 5, splits=splits)[0]  # classes 1 and 3 -> 0 and 1
+    keep = torch.isin(targets[splits["test"]], torch.tensor([1, 3]))
+    assert torch.equal(split0.test.images, multitask["digits"].test.images[keep])
+    assert torch.equal(split0.test.labels, (targets[splits["test"]][keep] == 3).long())
 
 
 @pytest.mark.parametrize("size", [8, 13, 24])

@@ -15,7 +15,7 @@ from fake_data import no_cifar_checksums, write_cifar, write_image_folder, write
 from torch.utils.data import random_split
 
 from mergeloom import datasets as D
-from mergeloom import loops
+from mergeloom import evaluate, loops, tasks, train
 from mergeloom.clip import image_encoder_state, load_clip, zeroshot_head
 
 CONFIG = Path(__file__).parents[1] / "configs" / "tiny-vit.json"
@@ -55,6 +55,7 @@ def tiny():
 def test_torchvision_loaders_return_the_written_pixels_and_splits(root, name):
     root, written = root
     task = D.load_task(name, root)
+    assert isinstance(task, tasks.Task)
     (train_x, train_y), (test_x, test_y) = written[name]["train"], written[name]["test"]
     n = len(train_y)
     assert len(task.classnames) == (100 if name == "CIFAR100" else 10)
@@ -67,7 +68,7 @@ def test_torchvision_loaders_return_the_written_pixels_and_splits(root, name):
         assert np.array_equal(np.asarray(image), train_x[val_idx[k]])
         image, label = task.test[k]
         assert label == test_y[k] and np.array_equal(np.asarray(image), test_x[k])
-    assert torch.equal(D.labels_of(task.train), torch.as_tensor(train_y[train_idx]))
+    assert torch.equal(tasks.labels_of(task.train), torch.as_tensor(train_y[train_idx]))
 
 
 def test_emnist_images_come_upright_from_its_transposed_files(root):
@@ -145,26 +146,28 @@ def test_class_subset_keeps_remaps_and_names_the_split_classes(root):
     root, written = root
     task = D.load_task("CIFAR100", root)
     classes = D.cifar100_class_splits(10)[3]
-    sub = D.class_subset(task, classes, "split3")
+    sub = tasks.class_subset(task, classes, "split3")
     assert sub.classnames == tuple(f"class_{c}" for c in classes)
     test_y = written["CIFAR100"]["test"][1]
     expected = [classes.index(y) for y in test_y if y in classes]
-    assert D.labels_of(sub.test).tolist() == expected
+    assert tasks.labels_of(sub.test).tolist() == expected
     assert [sub.test[i][1] for i in range(len(sub.test))] == expected
     assert len(sub.train) + len(sub.val) == int(
         np.isin(written["CIFAR100"]["train"][1], classes).sum()
     )
     with pytest.raises(ValueError, match="distinct indices in 0..99"):
-        D.class_subset(task, [3, 100], "bad")
+        tasks.class_subset(task, [3, 100], "bad")
 
 
 def test_domains_share_classes_and_leave_one_out(root, tmp_path):
     root, _ = root
-    tasks = D.domain_tasks(root / "domains")
-    assert [t.name for t in tasks] == ["clipart", "real", "sketch"]
-    assert all(t.classnames == ("cat", "hot dog") for t in tasks)
-    assert all(len(t.test) == round(16 * 0.2) for t in tasks)
-    assert D.leave_one_out([t.name for t in tasks])["real"] == ["clipart", "sketch"]
+    domains = D.domain_tasks(root / "domains")
+    assert all(isinstance(t, tasks.Task) for t in domains)
+    assert [t.name for t in domains] == ["clipart", "real", "sketch"]
+    assert all(t.classnames == ("cat", "hot dog") for t in domains)
+    assert all(len(t.test) == round(16 * 0.2) for t in domains)
+    assert tasks.leave_one_out([t.name for t in domains])["real"] == ["clipart", "sketch"]
+    assert D.leave_one_out is tasks.leave_one_out and D.class_subset is tasks.class_subset
     write_image_folder(tmp_path / "a", ["cat", "dog"], 2)
     write_image_folder(tmp_path / "b", ["cat", "cow"], 2)
     with pytest.raises(ValueError, match="same class folders"):
@@ -183,7 +186,7 @@ def test_one_finetuning_step_and_evaluation_on_each_format(root, tiny, name):
     head = zeroshot_head(model, tokenizer, task.classnames, task.templates)
     train_tf, val_tf = loops.transforms(model)
     before = {"visual": image_encoder_state(model), "text": model.token_embedding.weight.clone()}
-    state = loops.finetune_loader(
+    state = train.finetune(
         model,
         head,
         task.train,
@@ -200,12 +203,12 @@ def test_one_finetuning_step_and_evaluation_on_each_format(root, tiny, name):
     assert state.keys() == before["visual"].keys()
     assert any(not torch.equal(state[k], before["visual"][k]) for k in state)
     assert torch.equal(model.token_embedding.weight, before["text"])  # text tower frozen
-    preds, labels = loops.predict_loader(
-        model, head, task.test, transform=val_tf, batch_size=7, device="cpu"
-    )
-    assert len(preds) == len(task.test) and torch.equal(labels, D.labels_of(task.test))
+    feats = evaluate.features(model, task.test, transform=val_tf, batch_size=7, device="cpu")
+    assert feats.shape == (len(task.test), 32)
+    preds = (feats @ head).argmax(dim=1)
+    labels = tasks.labels_of(task.test)
     assert preds.min() >= 0 and preds.max() < len(task.classnames)
-    acc = loops.accuracy_loader(
+    acc = evaluate.accuracy(
         model,
         head,
         task.test,
@@ -224,9 +227,17 @@ def test_class_count_mismatch_names_both_numbers(root, tiny):
     head = zeroshot_head(model, tokenizer, task.classnames[:4], task.templates)
     train_tf, val_tf = loops.transforms(model)
     with pytest.raises(ValueError, match="the head has 4 classes .*the data has 10"):
-        loops.accuracy_loader(model, head, task.test, num_classes=10, transform=val_tf)
+        evaluate.accuracy(
+            model,
+            head,
+            task.test,
+            num_classes=10,
+            transform=val_tf,
+            batch_size=8,
+            device="cpu",
+        )
     with pytest.raises(ValueError, match="the head has 4 classes .*the data has 10"):
-        loops.finetune_loader(
+        train.finetune(
             model,
             head,
             task.train,
@@ -241,7 +252,7 @@ def test_class_count_mismatch_names_both_numbers(root, tiny):
             num_classes=10,
         )
     with pytest.raises(ValueError, match="a label .* in the data, but the head has 4 classes"):
-        loops.finetune_loader(
+        train.finetune(
             model,
             head,
             task.train,

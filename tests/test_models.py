@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeloom import clip, loops
+from mergeloom import clip, evaluate, train
 
 HUB_REPO = "models--timm--vit_base_patch32_clip_224.openai"
 
@@ -90,7 +90,7 @@ def test_vit_b32_offline_load_finetuning_step_and_evaluation_on_cpu(empty_caches
     labels = torch.arange(8) % 3
     data = torch.utils.data.TensorDataset(images, labels)
     before = clip.image_encoder_state(model)
-    state = loops.finetune_loader(
+    state = train.finetune(
         model,
         head,
         data,
@@ -106,7 +106,10 @@ def test_vit_b32_offline_load_finetuning_step_and_evaluation_on_cpu(empty_caches
     )
     assert state.keys() == before.keys() and len(state) > 100
     assert not torch.equal(state["conv1.weight"], before["conv1.weight"])
-    preds, got = loops.predict_loader(
-        model, head, data, transform=lambda x: x, batch_size=4, device="cpu"
+    feats = evaluate.features(model, data, transform=lambda x: x, batch_size=4, device="cpu")
+    assert feats.shape == (8, model.visual.output_dim)
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(8))
+    acc = evaluate.accuracy(
+        model, head, data, transform=lambda x: x, batch_size=4, device="cpu", num_classes=3
     )
-    assert torch.equal(got, labels) and preds.shape == (8,) and int(preds.max()) < 3
+    assert acc == ((feats @ head).argmax(dim=1) == labels).float().mean().item()

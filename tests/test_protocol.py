@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from mergeloom import protocol
-from mergeloom.data import Split, Task
+from mergeloom.tasks import Task, TensorImages, labels_of
 from stages.report import unit_table
 
 
 def task(name, labels):
     labels = torch.tensor(labels)
-    split = Split(images=torch.zeros(len(labels), 3, 8, 8), labels=labels)
+    split = TensorImages(torch.rand(len(labels), 3, 8, 8), labels)
     return Task(name, ("a", "b", "c"), ("{}",), split, split, split)
 
 
@@ -30,9 +30,12 @@ def test_continual_scores_the_full_set_and_each_split_subset():
     )
     assert problem.members == ("s0", "s1") and problem.primary == ("all",)
     by_name = {s.name: s for s in problem.eval_sets}
-    assert by_name["all"].test.labels.tolist() == [0, 1, 2, 2, 1]
-    assert by_name["s0"].test.labels.tolist() == [0, 2, 2]  # 10-way labels kept: task-agnostic
-    assert by_name["s1"].test.labels.tolist() == [1, 1]
+    assert by_name["all"].test is all_digits.test
+    assert labels_of(by_name["s0"].test).tolist() == [0, 2, 2]  # 10-way labels: task-agnostic
+    assert labels_of(by_name["s1"].val).tolist() == [1, 1]
+    images = all_digits.test.images
+    assert torch.equal(by_name["s0"].test[1][0], images[2])  # the same images, by index
+    assert [by_name["s1"].test[i][1] for i in range(2)] == [1, 1]
 
 
 def test_domains_leave_one_out():

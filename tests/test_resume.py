@@ -13,7 +13,7 @@ import torch
 from fake_data import write_image_folder
 from safetensors.torch import load_file
 
-from mergeloom import loops
+from mergeloom import loops, train
 
 ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 12, 2
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(f"""
     import torch
     from torchvision.datasets import ImageFolder
     from safetensors.torch import save_file
-    from mergeloom import clip, loops
+    from mergeloom import clip, loops, train
     data, ckpt, out = (Path(a) for a in sys.argv[1:4])
     torch.manual_seed(0)
     model, tokenizer = clip.load_clip("{ROOT / "configs" / "tiny-vit.json"}")
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(f"""
             print("first step", step, flush=True)
         if os.environ.get("SLOW"):
             time.sleep(0.3)
-    state = loops.finetune_loader(model, head, dataset, transform=loops.transforms(model)[0],
+    state = train.finetune(model, head, dataset, transform=loops.transforms(model)[0],
         steps={STEPS}, batch_size=8, lr=1e-3, weight_decay=0.1, warmup_steps=3, seed=7,
         device="cpu", checkpoint=ckpt, checkpoint_every={EVERY}, log=log)
     save_file(state, str(out))
@@ -100,7 +100,7 @@ def test_step_batches_resumed_at_any_step_continue_the_same_stream():
             == (full[start:])
         )
     assert full != list(loops.StepBatches(n=10, batch_size=4, steps=9, seed=4))
-    assert loops.steps_for(10, 4, epochs=3) == 9
+    assert train.steps_for(10, 4, epochs=3) == 9
 
 
 def test_augmentation_depends_on_the_sample_seed_only():
@@ -121,7 +121,7 @@ def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_pat
     assert [p.name for p in ckpt.parent.iterdir()] == ["c.pt"]  # no temporary file left
     data = torch.utils.data.TensorDataset(torch.zeros(6, 3, 16, 16), torch.arange(6) % 2)
     steps = []
-    loops.finetune_loader(
+    train.finetune(
         tiny_clip,
         torch.randn(8, 2),
         data,
@@ -140,7 +140,7 @@ def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_pat
     assert steps == [0, 1]  # started from scratch, not from step 5
     assert not ckpt.exists()
     with pytest.raises(ValueError, match="checkpoint_every and num_workers must be >= 0"):
-        loops.finetune_loader(
+        train.finetune(
             tiny_clip,
             torch.randn(8, 2),
             data,
@@ -170,7 +170,7 @@ def test_worker_processes_do_not_change_the_weights(tmp_path, tiny_clip):
     for workers in (0, 2):
         tiny_clip.load_state_dict(start)
         results.append(
-            loops.finetune_loader(
+            train.finetune(
                 tiny_clip,
                 head,
                 dataset,
@@ -197,7 +197,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tiny_clip):
     tiny_clip.train()
     params = list(tiny_clip.visual.parameters())
     optimizer = torch.optim.SGD(params, lr=0.0)  # keeps the weights, leaves the gradients
-    loss, out = loops._accumulated_step(tiny_clip, head, x, y, optimizer, None, parts=4)
+    loss, out = train._accumulated_step(tiny_clip, head, x, y, optimizer, None, parts=4)
     accumulated = [p.grad.clone() for p in params]
     optimizer.zero_grad()
     whole = torch.nn.functional.cross_entropy(tiny_clip.encode_image(x, normalize=True) @ head, y)
@@ -209,7 +209,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tiny_clip):
 
     data = torch.utils.data.TensorDataset(x, y)
     with pytest.raises(ValueError, match="accumulate must be >= 1 and divide batch_size 12"):
-        loops.finetune_loader(
+        train.finetune(
             tiny_clip,
             head,
             data,
@@ -224,7 +224,7 @@ def test_gradient_accumulation_matches_the_whole_batch(tiny_clip):
             accumulate=5,
         )
     before = {k: v.clone() for k, v in tiny_clip.visual.state_dict().items()}
-    state = loops.finetune_loader(
+    state = train.finetune(
         tiny_clip,
         head,
         data,

@@ -12,13 +12,16 @@ $(BIN)/mergeloom: requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-# dvc.yaml is generated from params.yaml (exact file deps per task); regenerate, then reproduce.
+# One pipeline at every scale: PIPELINE is a folder holding params.yaml (the embedded default
+# here, or presets/<name>). `pipeline` validates the whole params file and (re)writes that
+# folder's dvc.yaml; `repro` then runs `dvc repro` there.
+PIPELINE ?= .
 pipeline: $(BIN)/mergeloom
-	$(BIN)/python -m stages.pipeline
+	$(BIN)/python -m stages.pipeline $(PIPELINE)
 
 # Stage commands call `python`: the venv's, first on PATH.
 repro: pipeline
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	cd $(PIPELINE) && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc repro
 
 test: $(BIN)/mergeloom
 	$(BIN)/ruff check .

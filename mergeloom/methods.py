@@ -9,6 +9,7 @@ by streaming passes (``mergeloom.stats``), so T ViT-sized experts never sit in m
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import zlib
@@ -628,3 +629,12 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown merge method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_hyperparameters(name: str, hyperparameters: Mapping[str, object] | None) -> None:
+    """Raise ValueError unless ``name`` is a method that takes these keyword arguments: a
+    misspelt key fails before any tensor is read, not minutes into a merge."""
+    try:
+        inspect.signature(get(name)).bind([], **dict(hyperparameters or {}))
+    except TypeError as err:
+        raise ValueError(f"{name}: {err}") from None

@@ -12,19 +12,20 @@ import argparse
 import math
 from pathlib import Path
 
-from mergeloom import analysis, vectors
+from mergeloom import analysis, setups, vectors
 from stages import common, figures
 
 PANELS = {"all": "whole block", "attention": "attention", "mlp": "MLP"}
 
 
-def task_vector_sets(setup: str, setups: dict, folder: Path) -> dict[str, tuple[list, list]]:
+def task_vector_sets(setup: str, config: dict, folder: Path) -> dict[str, tuple[list, list]]:
     """kind -> (task names, lazy task vectors) for every unit of ``setup``."""
     sets = {}
-    for unit, (unit_setup, tasks) in common.units(setups).items():
-        if unit_setup == setup:
-            kind = "sequential" if unit.endswith("_sequential") else "individual"
-            tvs = [vectors.SafetensorsFile(folder / unit / f"{t}.safetensors") for t in tasks]
+    for unit in setups.units(config).values():
+        if unit.setup == setup:
+            kind = "sequential" if unit.sequential else "individual"
+            tasks = list(unit.tasks)
+            tvs = [vectors.SafetensorsFile(folder / unit.name / f"{t}.safetensors") for t in tasks]
             sets[kind] = (tasks, tvs)
             if kind == "sequential":
                 sets["sequential_increments"] = (tasks, analysis.increments(tvs))
@@ -117,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--task-vectors-dir", "--out", "--plots-dir"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    common.check_pipeline()
     p = common.load_params("setups", "analysis")
     sets = task_vector_sets(args.setup, p["setups"], args.task_vectors_dir)
     if not sets:

@@ -1,13 +1,20 @@
-"""Shared wiring of the stage scripts: params (validated), JSON, task files, the model.
+"""Wiring shared by the stage scripts: params (validated), runtime settings, JSON/CSV output.
 
-The one place params.yaml is read. Each stage asks for the sections it uses; they are checked
-before any work, and a bad value fails with the key, the value and what is allowed.
+Every stage imports this module, so it holds nothing that changes often: no method, pool or task
+names (those come from the library's registries, checked by the stages that use them and by
+`python -m stages.pipeline`), and no library imports beyond `mergeloom.vectors`.
+
+Two kinds of settings:
+* tracked params: the `params.yaml` next to `dvc.yaml` (the embedded default at the repository
+  root, a preset in `presets/<name>/`); one schema, checked here before a stage does any work;
+* runtime settings (`runtime()`): device, DataLoader workers, evaluation batch size and the
+  datasets root, read from the environment. They are not DVC params, so changing them reruns
+  nothing; results do not depend on them beyond float rounding.
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -17,13 +24,12 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 import yaml
 
-from mergeloom import data, vectors
-from mergeloom.data import Split, Task
+from mergeloom import vectors
 
 PARAMS = Path("params.yaml")
+SHAPE_PREFIX = "# pipeline shape: "
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("stages")
 
@@ -47,163 +53,253 @@ def _fractions(v: object) -> bool:
     return _numbers(v) and all(0 < x <= 1 for x in v)
 
 
-def _names(known: Sequence[str], minimum: int = 1) -> Callable[[object], bool]:
+def _names(minimum: int = 1) -> Callable[[object], bool]:
     def check(v: object) -> bool:
-        ok = isinstance(v, list) and len(v) >= minimum and len(set(v)) == len(v)
-        return ok and all(x in known for x in v)
+        ok = isinstance(v, list) and len(v) >= minimum and len(set(map(str, v))) == len(v)
+        return ok and all(isinstance(x, str) and x for x in v)
 
     return check
 
 
-METHOD_NAMES = [
-    "weight_averaging",
-    "task_arithmetic",
-    "ties",
-    "dare",
-    "breadcrumbs",
-    "magmax",
-    "random_mix",
-    "pcb",
-    "tsv_m",
-    "iso_c",
-    "iso_cts",
-    "cart",
-    "consensus",
-]
-POOL_NAMES = ["mean", "random", "max_abs", *METHOD_NAMES]  # tests check both against the library
-RULES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "model.name": (lambda v: isinstance(v, str) and v != "", "an open_clip name or config path"),
-    "model.pretrained": (lambda v: v is None or isinstance(v, str), "null or a tag/path"),
-    "model.device": (
-        lambda v: v in ("auto", "cpu") or str(v).startswith("cuda"),
-        "auto, cpu or cuda[:N]",
-    ),  # fmt: skip
-    "data.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"),
-    "data.val_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "data.test_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "data.seed": (_is_int, "an integer"),
-    "setups.multitask.tasks": (_names(list(data.MULTITASK)), f"a list of {list(data.MULTITASK)}"),
-    "setups.continual.class_order": (
-        lambda v: isinstance(v, list) and sorted(v) == list(range(10)),
-        "a permutation of 0..9",
-    ),  # fmt: skip
-    "setups.continual.n_tasks": (lambda v: _is_int(v) and 2 <= v <= 10, "an integer in 2..10"),
-    "setups.domains.domains": (_names(list(data.DOMAINS), 2), f"2+ of {list(data.DOMAINS)}"),
-    "merge.methods": (
-        lambda v: isinstance(v, dict) and len(v) > 0 and set(v) <= set(METHOD_NAMES),
-        f"a non-empty mapping with keys among {METHOD_NAMES}",
-    ),  # fmt: skip
-    "sweep.lambdas": (_numbers, "a non-empty list of numbers"),
-    "weave.methods": (
-        lambda v: isinstance(v, list) and all(m in METHOD_NAMES for m in v),
-        f"a list of {METHOD_NAMES}",
-    ),  # fmt: skip
-    "weave.pools": (_names(POOL_NAMES), f"a non-empty list of {POOL_NAMES}"),
-    "weave.lambdas": (_numbers, "a non-empty list of numbers"),
-    "weave.collaborative": (lambda v: isinstance(v, bool), "true or false"),
-    "weave.seed": (_is_int, "an integer"),
-    "evaluate.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "analysis.topk": (lambda v: _fractions(v) and 1 not in v, "a non-empty list in (0, 1)"),
-    "analysis.energy_top": (_fractions, "a non-empty list of fractions in (0, 1]"),
-}
-for _section in ("pretrain", "finetune"):
-    RULES |= {
-        f"{_section}.steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        f"{_section}.batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        f"{_section}.lr": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-        f"{_section}.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        f"{_section}.warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-        f"{_section}.seed": (_is_int, "an integer"),
-    }
+def _mapping(v: object) -> bool:
+    return isinstance(v, dict)
 
 
-def _lookup(params: Mapping, dotted: str) -> object:
-    node: object = params
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ValueError(f"params.yaml: missing key {dotted!r}")
-        node = node[part]
-    return node
+def _epochs(v: object) -> bool:
+    if isinstance(v, dict):
+        return len(v) > 0 and all(_is_number(e) and e > 0 for e in v.values())
+    return _is_number(v) and v > 0
 
 
-def load_params(*sections: str, path: Path = PARAMS) -> dict:
-    """The named top-level sections of params.yaml, validated against RULES."""
-    params = yaml.safe_load(path.read_text()) or {}
-    for key, (ok, allowed) in RULES.items():
-        if key.split(".")[0] in sections and not ok(value := _lookup(params, key)):
-            raise ValueError(f"params.yaml: {key} = {value!r} is invalid; expected {allowed}")
-    if "merge" in sections:
-        from mergeloom import methods  # here, so stages without merges do not depend on it
+_Rule = tuple[Callable[[object], bool], str]
+_INT_GE1: _Rule = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_INT_GE0: _Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+_FRACTION: _Rule = (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+_POSITIVE: _Rule = (lambda v: _is_number(v) and v > 0, "a number > 0")
+_NONNEG: _Rule = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+_INT: _Rule = (_is_int, "an integer")
+_STR: _Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+# section -> key -> rule; a key that is optional is listed in OPTIONAL.
+SCHEMA: dict[str, dict[str, _Rule]] = {
+    "model": {"name": (_STR[0], "an open_clip model name or a model config JSON path"),
+              "pretrained": (lambda v: v is None or (isinstance(v, str) and v != ""),
+                             "null (trained by the pretrain stage), an open_clip tag or a path")},
+    "data": {"val_fraction": _FRACTION, "val_max": _INT_GE1, "test_fraction": _FRACTION,
+             "image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8"), "seed": _INT},
+    "pretrain": {"steps": _INT_GE1, "batch_size": _INT_GE1, "lr": _POSITIVE,
+                 "weight_decay": _NONNEG, "warmup_steps": _INT_GE0, "seed": _INT},
+    "finetune": {"steps": _INT_GE1,
+                 "epochs": (_epochs, "a number > 0, or a mapping task -> number > 0"),
+                 "batch_size": _INT_GE1, "lr": _POSITIVE, "weight_decay": _NONNEG,
+                 "warmup_steps": _INT_GE0,
+                 "grad_clip": (lambda v: v is None or (_is_number(v) and v > 0), "null or > 0"),
+                 "accumulate": _INT_GE1, "checkpoint_every": _INT_GE0, "seed": _INT},
+    "merge": {"methods": (lambda v: _mapping(v) and len(v) > 0
+                          and all(h is None or _mapping(h) for h in v.values()),
+                          "a non-empty mapping method name -> keyword arguments")},
+    "sweep": {"lambdas": (_numbers, "a non-empty list of numbers")},
+    "weave": {"methods": (_names(0), "a list of distinct method names (may be empty)"),
+              "pools": (_names(1), "a non-empty list of distinct pool names"),
+              "lambdas": (_numbers, "a non-empty list of numbers"),
+              "collaborative": (lambda v: isinstance(v, bool), "true or false"),
+              "seed": _INT,
+              "pool_hyperparameters": (lambda v: _mapping(v)
+                                       and all(_mapping(h) for h in v.values()),
+                                       "a mapping pool name -> keyword arguments")},
+    "analysis": {"topk": (lambda v: _fractions(v) and 1 not in v, "a non-empty list in (0, 1)"),
+                 "energy_top": (_fractions, "a non-empty list of fractions in (0, 1]")},
+}  # fmt: skip
+SETUPS: dict[str, dict[str, _Rule]] = {
+    "multitask": {"dataset": (lambda v: v in ("digits", "benchmarks"), "digits or benchmarks"),
+                  "tasks": (_names(1), "a non-empty list of distinct task names")},
+    "continual": {"dataset": (_STR[0], "digits or CIFAR100"),
+                  "n_tasks": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+                  "class_order": (lambda v: v is None or (isinstance(v, list) and len(v) > 1
+                                  and sorted(v) == list(range(len(v)))),
+                                  "null (the dataset's default order) or a permutation of "
+                                  "0..C-1")},
+    "domains": {"dataset": (_STR[0], "digits or a folder name under the datasets root"),
+                "domains": (_names(2), "a list of 2+ distinct domain names")},
+}  # fmt: skip
+OPTIONAL = {"finetune.steps", "finetune.epochs", "continual.class_order"}
 
-        for name, kwargs in params["merge"]["methods"].items():
-            try:
-                inspect.signature(methods.METHODS[name]).bind([], **(kwargs or {}))
-            except TypeError as err:
-                raise ValueError(f"params.yaml: merge.methods.{name}: {err}") from err
+
+def _fail(key: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"params.yaml: {key} = {value!r} is invalid; expected {allowed}")
+
+
+def _check_section(name: str, node: object, rules: Mapping[str, _Rule], prefix: str) -> None:
+    if not isinstance(node, dict):
+        raise _fail(prefix, node, f"a mapping with keys {list(rules)}")
+    unknown = [k for k in node if k not in rules]
+    if unknown:
+        raise ValueError(f"params.yaml: unknown key {prefix}.{unknown[0]}; known: {list(rules)}")
+    for key, (ok, allowed) in rules.items():
+        if key not in node:
+            if f"{name}.{key}" in OPTIONAL:
+                continue
+            raise ValueError(f"params.yaml: missing key {prefix}.{key!r}")
+        if not ok(node[key]):
+            raise _fail(f"{prefix}.{key}", node[key], allowed)
+
+
+def check_params(params: Mapping, sections: Sequence[str]) -> None:
+    """Raise ValueError naming the key, the value and what is allowed, for the given sections."""
+    for section in sections:
+        if section not in params:
+            raise ValueError(f"params.yaml: missing section {section!r}")
+        node = params[section]
+        if section == "setups":
+            if not isinstance(node, dict) or not node or set(node) - set(SETUPS):
+                raise _fail("setups", node, f"a non-empty mapping with keys among {list(SETUPS)}")
+            for setup, cfg in node.items():
+                _check_section(setup, cfg, SETUPS[setup], f"setups.{setup}")
+        else:
+            _check_section(section, node, SCHEMA[section], section)
+    if "finetune" in sections:
+        ft = params["finetune"]
+        if ("steps" in ft) == ("epochs" in ft):
+            raise ValueError("params.yaml: finetune needs exactly one of 'steps' and 'epochs'")
+        if ft["batch_size"] % ft["accumulate"]:
+            raise _fail("finetune.accumulate", ft["accumulate"],
+                        f"a divisor of finetune.batch_size = {ft['batch_size']}")  # fmt: skip
     if "weave" in sections and "merge" in sections:
         missing = [m for m in params["weave"]["methods"] if m not in params["merge"]["methods"]]
         if missing:
             raise ValueError(f"params.yaml: weave.methods {missing} are not in merge.methods")
+
+
+def read_params(path: Path = PARAMS) -> dict:
+    try:
+        params = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"params file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return params
+
+
+def load_params(*sections: str, path: Path = PARAMS) -> dict:
+    """The named top-level sections of params.yaml, validated against SCHEMA/SETUPS."""
+    params = read_params(path)
+    check_params(params, sections)
+    if "setups" in sections:
+        check_pipeline(params, Path(path).parent / "dvc.yaml")
     return {s: params[s] for s in sections}
 
 
-def continual_splits(setup: Mapping) -> dict[str, list[int]]:
-    """split name -> its classes, as mergeloom.data.continual_tasks cuts class_order."""
-    order, n = setup["class_order"], setup["n_tasks"]
-    return {f"split{t}": sorted(order[10 * t // n : 10 * (t + 1) // n]) for t in range(n)}
+def pipeline_shape(params: Mapping) -> str:
+    """What dvc.yaml's stage list depends on beyond DVC's templating: the setups present, the
+    continual split count (a sequential chain is one stage per split), where data comes from.
+    Task, domain, method and pool lists are templated in dvc.yaml and may change freely."""
+    setups = params["setups"]
+    parts = [f"{s}:{cfg['dataset']}" for s, cfg in setups.items()]
+    if "continual" in setups:
+        parts.append(f"n_tasks:{setups['continual']['n_tasks']}")
+    trained = params.get("model", {}).get("pretrained") is None
+    parts.append(f"pretrained:{'trained' if trained else 'given'}")
+    if isinstance(params.get("finetune", {}).get("epochs"), dict):
+        parts.append("epochs:per-task")
+    return " ".join(parts)
+
+
+def check_pipeline(params: Mapping, dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Fail early when dvc.yaml was generated for another pipeline shape than params.yaml's."""
+    if not dvc_yaml.exists():
+        return
+    with dvc_yaml.open() as f:
+        header = [next(f, "") for _ in range(3)]
+    wanted = SHAPE_PREFIX + pipeline_shape(params) + "\n"
+    if wanted not in header:
+        raise ValueError(
+            f"{dvc_yaml} is out of date with params.yaml (the setups or the continual split "
+            "count changed): run `make pipeline`"
+        )
+
+
+# ---------------------------------------------------------------- runtime settings
+
+RUNTIME_ENV = {
+    "device": "MERGELOOM_DEVICE",  # auto (cuda when present) | cpu | cuda | cuda:N
+    "num_workers": "MERGELOOM_NUM_WORKERS",  # DataLoader workers for datasets read from disk
+    "eval_batch_size": "MERGELOOM_EVAL_BATCH_SIZE",
+    "datasets_root": "MERGELOOM_DATASETS",  # torchvision/ImageFolder datasets
+}
+
+
+def repository_root(start: Path | None = None) -> Path:
+    """The nearest folder holding `.dvc/`, from the working directory up."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return here
+
+
+def runtime() -> dict:
+    """Runtime settings from the environment (RUNTIME_ENV), with their defaults.
+
+    The default datasets root is `datasets/` at the repository root: git-ignored and outside
+    every DVC output, so `dvc repro` never replaces a user's data.
+    """
+    env = {k: os.environ.get(v) for k, v in RUNTIME_ENV.items()}
+    device = env["device"] or "auto"
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"{RUNTIME_ENV['device']} = {device!r} is invalid; expected auto, cpu, "
+                         "cuda or cuda:N")  # fmt: skip
+    out = {"device": device, "datasets_root": Path(env["datasets_root"] or
+                                                   repository_root() / "datasets")}  # fmt: skip
+    for key, default in (("num_workers", min(8, os.cpu_count() or 1)), ("eval_batch_size", 512)):
+        raw = env[key]
+        try:
+            value = default if raw is None else int(raw)
+        except ValueError:
+            value = -1
+        if value < (0 if key == "num_workers" else 1):
+            raise ValueError(f"{RUNTIME_ENV[key]} = {raw!r} is invalid; expected an integer "
+                             f">= {0 if key == 'num_workers' else 1}")  # fmt: skip
+        out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- files
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Sorted keys (stable diffs for `dvc metrics diff`), written atomically."""
+def _atomic_text(path: Path, write: Callable) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        vectors.make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Sorted keys (stable diffs for `dvc metrics diff`), written atomically."""
+
+    def write(f) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-    vectors.make_readable(tmp)
-    os.replace(tmp, path)
+
+    _atomic_text(Path(path), write)
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping], fieldnames: Sequence[str]) -> None:
     """A table for `dvc plots`, written atomically like every other output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=list(fieldnames))
         writer.writeheader()
         writer.writerows(rows)
-    vectors.make_readable(tmp)
-    os.replace(tmp, path)
 
-
-def save_task(task: Task, path: Path) -> None:
-    tensors = {f"{s}_{part}": getattr(getattr(task, s), part)
-               for s in ("train", "val", "test") for part in ("images", "labels")}  # fmt: skip
-    meta = {"name": task.name, "classnames": list(task.classnames),
-            "templates": list(task.templates)}  # fmt: skip
-    vectors.save(tensors, path, metadata=vectors.metadata_json(meta))
-
-
-def load_task(path: str | os.PathLike) -> Task:
-    source = vectors.SafetensorsFile(path)
-    meta = source.metadata
-    splits = {s: Split(source[f"{s}_images"], source[f"{s}_labels"])
-              for s in ("train", "val", "test")}  # fmt: skip
-    return Task(meta["name"], tuple(json.loads(meta["classnames"])),
-                tuple(json.loads(meta["templates"])), **splits)  # fmt: skip
-
-
-def check_pipeline() -> None:
-    """Fail early when dvc.yaml was generated from other task lists than params.yaml holds."""
-    from stages import pipeline
-
-    if Path("dvc.yaml").exists() and Path("dvc.yaml").read_text() != pipeline.render():
-        raise ValueError("dvc.yaml is out of date with params.yaml: run `make pipeline`")
+    _atomic_text(Path(path), write)
 
 
 def run(main: Callable[[], None]) -> None:
@@ -213,59 +309,6 @@ def run(main: Callable[[], None]) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------- units of evaluation
-
-
-def units(setups: Mapping) -> dict[str, tuple[str, list[str]]]:
-    """unit -> (setup, expert names). A unit is one set of experts merged and evaluated."""
-    splits = list(continual_splits(setups["continual"]))
-    return {
-        "multitask": ("multitask", list(setups["multitask"]["tasks"])),
-        "continual": ("continual", splits),
-        "continual_sequential": ("continual", splits),
-        "domains": ("domains", list(setups["domains"]["domains"])),
-    }
-
-
-def evaluated(setup: str, tasks: Sequence[str]) -> list[str]:
-    """Task files a setup is scored on: continual uses the 10-way ``all_digits`` task."""
-    return ["all_digits"] if setup == "continual" else list(tasks)
-
-
-def load_model(p: Mapping, pretrained: Path) -> tuple:
-    """The pretrained CLIP (image encoder swapped per evaluation) and the device."""
-    from mergeloom import clip
-
-    model, _ = clip.load_clip(p["model"]["name"])
-    clip.load_full_state(model, vectors.load(pretrained))
-    return model, clip.pick_device(p["model"]["device"])
-
-
-def problems(setup: str, tasks: Sequence[str], p: Mapping, data_dir: Path,
-             heads_dir: Path) -> list:  # fmt: skip
-    """The merge problems of one unit (mergeloom.protocol), read from the data and heads."""
-    from mergeloom import protocol
-
-    names = evaluated(setup, tasks)
-    loaded = [load_task(data_dir / setup / f"{n}.safetensors") for n in names]
-    heads = {n: vectors.load(heads_dir / setup / f"{n}.safetensors")["head"] for n in names}
-    if setup == "multitask":
-        return protocol.multitask_problems(loaded, heads)
-    if setup == "continual":
-        splits = continual_splits(p["setups"]["continual"])
-        return protocol.continual_problems(splits, loaded[0], heads["all_digits"])
-    return protocol.domain_problems(loaded, heads)
-
-
-def load_dir(folder: Path, names: Sequence[str]) -> dict[str, vectors.StateDict]:
-    """{name: state} of <folder>/<name>.safetensors, exactly the names given."""
-    return {name: vectors.load(folder / f"{name}.safetensors") for name in names}
 
 
 def task_name(path: str | os.PathLike) -> str:

@@ -1,69 +1,74 @@
-"""Every method at its data-free default, and its accuracy-vs-lambda sweep with the oracle
-lambda picked on the validation split, for every merge problem of every unit.
+"""One merge method on every unit: its data-free default, and its accuracy-vs-lambda sweep with
+the oracle lambda picked on the validation split.
 
-    python -m stages.merge --pretrained models/pretrained.safetensors \
-        --pretrained-visual models/pretrained_visual.safetensors --data-dir data \
-        --heads-dir models/heads --task-vectors-dir models/task_vectors \
-        --metrics-dir metrics --plots-dir plots
+    python -m stages.merge ties --pretrained models/pretrained.safetensors \
+        --heads-dir models/heads --data-dir data --task-vectors-dir models/task_vectors \
+        --out metrics/merge/ties.json --plot plots/sweep/ties.csv
 
-Merged weights are not kept (any of them is one `mergeloom merge` call away, from the experts
-the pipeline stores); the metrics and curves are.
-
-The oracle uses privileged data (validation labels of the evaluated tasks, or of the held-out
-domain): an upper bound for data-free methods, never selected on the test split.
+Task vectors are read lazily, one tensor at a time; one merged image tower is held at a time:
+built, scored, dropped. Merged weights are not kept (any of them is one `mergeloom merge` call
+away from the stored experts); the metrics and curves are. The oracle uses privileged data
+(validation labels): an upper bound for data-free methods, never selected on the test split.
 """
 
 import argparse
 from pathlib import Path
 
-from mergeloom import evaluate, methods, protocol, vectors, weave
+from mergeloom import methods, protocol, scoring, setups, vectors, weave
 from stages import common
 
 
-def sweep(score, base: dict, members: list, name: str, hp: dict, lambdas: list, primary) -> dict:
+def sweep(score, theta0: dict, members: list, name: str, hp: dict, lambdas: list, problem) -> dict:
     fixed = {k: v for k, v in hp.items() if k != "lam"}
-    candidates = weave.lambda_candidates(name, members, lambdas, fixed)
-    curves = {f"{lam:g}": score(vectors.apply(base, dict(c)))
-              for lam, c in zip(lambdas, candidates, strict=True)}  # fmt: skip
+    curves = {}
+    for lam, candidate in zip(lambdas, weave.lambda_candidates(name, members, lambdas, fixed),
+                              strict=True):  # fmt: skip
+        curves[f"{lam:g}"] = score(vectors.apply(theta0, dict(candidate), inplace=True),
+                                   problem.eval_sets)  # fmt: skip
     val = {lam: {s: acc["val"] for s, acc in sets.items()} for lam, sets in curves.items()}
-    best = protocol.oracle(val, primary)
+    best = protocol.oracle(val, problem.primary)
     return {"curves": curves, "oracle_lam": float(best), "oracle": curves[best],
             "best_lambdas": protocol.best_lambdas(val)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--pretrained", "--pretrained-visual", "--data-dir", "--heads-dir",
-                 "--task-vectors-dir", "--metrics-dir", "--plots-dir"):  # fmt: skip
+    parser.add_argument("method")
+    for name in ("--pretrained", "--heads-dir", "--data-dir", "--task-vectors-dir", "--out",
+                 "--plot"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    common.check_pipeline()
-    p = common.load_params("model", "setups", "merge", "sweep", "evaluate")
-    model, device = common.load_model(p, args.pretrained)
-    base = vectors.load(args.pretrained_visual)
-    for unit, (setup, tasks) in common.units(p["setups"]).items():
-        task_vectors = common.load_dir(args.task_vectors_dir / unit, tasks)
-        defaults, sweeps, rows = {}, {}, []
-        for problem in common.problems(setup, tasks, p, args.data_dir, args.heads_dir):
-            members = [task_vectors[n] for n in problem.members]
-
-            def score(visual: dict, sets=problem.eval_sets) -> dict:
-                return evaluate.score(model, visual, sets, device=device,
-                                      batch_size=p["evaluate"]["batch_size"])  # fmt: skip
-
-            for name, hp in p["merge"]["methods"].items():
-                visual = vectors.apply(base, methods.get(name)(members, **(hp or {})))
-                defaults.setdefault(problem.name, {})[name] = score(visual)
-                result = sweep(score, base, members, name, hp or {}, p["sweep"]["lambdas"],
-                               problem.primary)  # fmt: skip
-                sweeps.setdefault(problem.name, {})[name] = result
-                rows += [{"problem": problem.name, "method": name, "lam": float(lam), "set": s,
-                          **acc} for lam, sets in result["curves"].items()
-                         for s, acc in sets.items()]  # fmt: skip
-        common.write_json(args.metrics_dir / unit / "merge.json", defaults)
-        common.write_json(args.metrics_dir / unit / "sweep.json", sweeps)
-        common.write_csv(args.plots_dir / unit / "sweep.csv", rows,
-                         ["problem", "method", "lam", "set", "val", "test"])  # fmt: skip
+    p = common.load_params("model", "data", "setups", "sweep", "merge")
+    if args.method not in p["merge"]["methods"]:
+        raise ValueError(f"{args.method!r} is not in merge.methods {list(p['merge']['methods'])}")
+    hp = dict(p["merge"]["methods"][args.method] or {})
+    try:
+        methods.check_hyperparameters(args.method, hp)
+    except ValueError as err:
+        raise ValueError(f"params.yaml: merge.methods.{err}") from None
+    method = methods.get(args.method)
+    rt = common.runtime()
+    by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
+                                   heads_dir=args.heads_dir,
+                                   datasets_root=rt["datasets_root"])  # fmt: skip
+    score, theta0 = scoring.scorer(p["model"]["name"], args.pretrained, device=rt["device"],
+                                   batch_size=rt["eval_batch_size"],
+                                   num_workers=rt["num_workers"])  # fmt: skip
+    results, rows = {}, []
+    for unit, problems in by_unit.items():
+        for problem in problems:
+            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
+                       for t in problem.members]  # fmt: skip
+            default = score(vectors.apply(theta0, method(members, **hp), inplace=True),
+                            problem.eval_sets)  # fmt: skip
+            result = sweep(score, theta0, members, args.method, hp, p["sweep"]["lambdas"],
+                           problem)  # fmt: skip
+            results.setdefault(unit, {})[problem.name] = {"default": default, **result}
+            rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
+                     for lam, sets in result["curves"].items()
+                     for s, acc in sets.items()]  # fmt: skip
+    common.write_json(args.out, results)
+    common.write_csv(args.plot, rows, ["unit", "problem", "lam", "set", "val", "test"])
 
 
 if __name__ == "__main__":

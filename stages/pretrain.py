@@ -1,13 +1,19 @@
-"""The pretrained CLIP: trained contrastively on captioned digits, or published weights.
+"""theta_0: a CLIP trained contrastively on captioned digits, or published weights exported.
 
-    python -m stages.pretrain --data data/pretrain.safetensors --out models/pretrained.safetensors \
-        --visual-out models/pretrained_visual.safetensors --logs logs/pretrain
+    python -m stages.pretrain --out models/pretrained.safetensors \
+        --visual-out models/pretrained_visual.safetensors --logs logs/pretrain \
+        [--data data/pretrain.safetensors]
+
+With `model.pretrained: null` the model is trained from scratch on `--data`; otherwise the
+published weights (an open_clip tag read from its local cache, or a checkpoint path) are
+exported, so every later stage reads theta_0 from one safetensors file.
 """
 
 import argparse
 import json
 from pathlib import Path
 
+import torch
 from dvclive import Live
 
 from mergeloom import clip, train, vectors
@@ -18,15 +24,18 @@ LOG_EVERY = 25
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--data", "--out", "--visual-out", "--logs"):
+    for name in ("--out", "--visual-out", "--logs"):
         parser.add_argument(name, type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="captioned images (when training)")
     args = parser.parse_args(argv)
-    p = common.load_params("model", "pretrain")
-    cfg, device = p["pretrain"], clip.pick_device(p["model"]["device"])
-    common.seed_everything(cfg["seed"])
-    model, tokenizer = clip.load_clip(p["model"]["name"], p["model"]["pretrained"])
+    m = common.load_params("model")["model"]
+    trained = m["pretrained"] is None
+    cfg = common.load_params("pretrain")["pretrain"] if trained else None
+    if trained and args.data is None:
+        raise ValueError("model.pretrained is null: give --data to train theta_0")
+    model, tokenizer = clip.load_clip(m["name"], m["pretrained"])
     with Live(str(args.logs), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        if p["model"]["pretrained"] is None:
+        if trained:
             source = vectors.SafetensorsFile(args.data)
             captions = json.loads(source.metadata["captions"])
 
@@ -36,9 +45,11 @@ def main(argv: list[str] | None = None) -> None:
                     for key, value in values.items():
                         live.log_metric(f"pretrain/{key}", float(value))
 
+            torch.manual_seed(cfg["seed"])
+            device = clip.pick_device(common.runtime()["device"])
             train.pretrain(model, tokenizer, source["images"], captions, log=log, device=device,
                            **cfg)  # fmt: skip
-        live.summary["pretrained_from"] = p["model"]["pretrained"] or "scratch"
+        live.summary["pretrained_from"] = m["pretrained"] or "scratch"
     model.cpu()
     vectors.save(clip.full_state(model), args.out)
     vectors.save(clip.image_encoder_state(model), args.visual_out)

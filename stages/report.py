@@ -1,9 +1,12 @@
 """Results table of every setup: zero-shot, experts, each method at its default, + weave per
 pool, at the oracle lambda (privileged validation data), with absolute and normalised accuracy.
 
-    python -m stages.report --units multitask continual continual_sequential domains \
-        --metrics-dir metrics --out metrics/summary.json --details metrics/details.json \
-        --markdown reports/summary.md --figures-dir reports/figures
+    python -m stages.report --metrics-dir metrics --out metrics/summary.json \
+        --details reports/details.json --markdown reports/summary.md --figures-dir plots/report
+
+Reads `metrics/baselines.json`, `metrics/merge/<method>.json` for every method of
+`merge.methods` and `metrics/weave/<method>.json` for every method of `weave.methods` (by name:
+files of removed methods are ignored).
 
 Also writes `reports/summary.md` (tables to paste into a draft, the correlation summary of
 the analyze stage, and figures) through stages.report_md.
@@ -15,7 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
-from mergeloom import protocol
+from mergeloom import protocol, setups
 from stages import common, report_md
 
 
@@ -58,20 +61,39 @@ def unit_table(metrics: dict) -> dict:
     return {"rows": rows, "primary": primary, "lambda_dispersion": dispersion}
 
 
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"metrics file not found: {path}; run `dvc repro`")
+    return json.loads(path.read_text())
+
+
+def unit_metrics(folder: Path, unit: str, merged: list, woven: list, pools: list) -> dict:
+    """One unit's results as {baselines, merge, sweep, weave}, each {problem: {method: ...}}."""
+    out: dict = {"baselines": _read(folder / "baselines.json")[unit], "merge": {}, "sweep": {},
+                 "weave": {}}  # fmt: skip
+    for method in merged:
+        for problem, r in _read(folder / "merge" / f"{method}.json")[unit].items():
+            out["merge"].setdefault(problem, {})[method] = r["default"]
+            out["sweep"].setdefault(problem, {})[method] = {k: v for k, v in r.items()
+                                                            if k != "default"}  # fmt: skip
+    for method in woven:
+        for problem, r in _read(folder / "weave" / f"{method}.json")[unit].items():
+            out["weave"].setdefault(problem, {})[method] = {p: r[p] for p in pools}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--units", nargs="+", required=True)
     parser.add_argument("--metrics-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     for name in ("--details", "--markdown", "--figures-dir"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    p = common.load_params("setups", "merge")
+    p = common.load_params("setups", "merge", "weave")
     details, metrics = {}, {}
-    for unit in args.units:
-        files = {k: args.metrics_dir / unit / f"{k}.json"
-                 for k in ("baselines", "merge", "sweep", "weave")}  # fmt: skip
-        metrics[unit] = {k: json.loads(f.read_text()) for k, f in files.items()}
+    for unit in setups.units(p["setups"]):
+        metrics[unit] = unit_metrics(args.metrics_dir, unit, list(p["merge"]["methods"]),
+                                     p["weave"]["methods"], p["weave"]["pools"])  # fmt: skip
         details[unit] = unit_table(metrics[unit])
     summary = {}
     for unit, table in details.items():

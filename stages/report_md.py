@@ -159,7 +159,7 @@ def write_figures(details: Mapping, metrics: Mapping, lams: Mapping[str, float],
         path = folder / f"lambda_{unit}.png"
         panels = lambda_panels(metrics[unit], lams, table["primary"])
         figures.lambda_curves(panels, path, f"{unit}: test accuracy vs lambda")
-        names[unit] = path.relative_to(relative_to).as_posix()
+        names[unit] = Path(os.path.relpath(path, relative_to)).as_posix()
     optimal = {unit: {m: [lam for problem in metrics[unit]["sweep"].values()
                           for s, lam in problem[m]["best_lambdas"].items() if s != "all"]
                       for m in next(iter(metrics[unit]["sweep"].values()))}
@@ -175,5 +175,5 @@ def write_figures(details: Mapping, metrics: Mapping, lams: Mapping[str, float],
                        ("ranking", lambda path: figures.bars(
             ranking, path, "methods: headline test accuracy", "accuracy"))):  # fmt: skip
         draw(folder / f"{name}.png")
-        names[name] = (folder / f"{name}.png").relative_to(relative_to).as_posix()
+        names[name] = Path(os.path.relpath(folder / f"{name}.png", relative_to)).as_posix()
     return names

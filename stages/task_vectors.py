@@ -1,4 +1,5 @@
-"""Task vectors tau_t = expert_t - pretrained of every unit, always against the pretrained tower.
+"""Task vectors tau_t = expert_t - theta_0 of every unit, always against theta_0 (cumulative
+for the sequential chain, as MagMax does).
 
     python -m stages.task_vectors --pretrained-visual models/pretrained_visual.safetensors \
         --experts-dir models/experts --out-dir models/task_vectors
@@ -7,7 +8,7 @@
 import argparse
 from pathlib import Path
 
-from mergeloom import vectors
+from mergeloom import setups, vectors
 from stages import common
 
 
@@ -16,14 +17,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--pretrained-visual", "--experts-dir", "--out-dir"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    common.check_pipeline()
     p = common.load_params("setups")
-    for unit, (_, tasks) in common.units(p["setups"]).items():
-        experts = [args.experts_dir / unit / f"{t}.safetensors" for t in tasks]
-        for task, tv in zip(tasks, vectors.load_task_vectors(args.pretrained_visual, experts),
-                            strict=True):  # fmt: skip
-            vectors.save({k: tv[k] for k in tv}, args.out_dir / unit / f"{task}.safetensors",
-                         metadata={"unit": unit, "task": task})  # fmt: skip
+    for unit in setups.units(p["setups"]).values():
+        experts = [args.experts_dir / unit.name / f"{t}.safetensors" for t in unit.tasks]
+        missing = [str(e) for e in experts if not e.is_file()]
+        if missing:
+            raise ValueError(f"expert file(s) not found: {missing}; run `dvc repro`")
+        for task, tv in zip(
+            unit.tasks, vectors.load_task_vectors(args.pretrained_visual, experts), strict=True
+        ):
+            vectors.save({k: tv[k] for k in tv}, args.out_dir / unit.name / f"{task}.safetensors",
+                         metadata={"unit": unit.name, "task": task})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,56 +1,69 @@
-"""Weight Weaving of every lambda-scaled method with every pool, for every merge problem.
+"""Weight Weaving of one lambda-scaled method with every pool, on every unit.
 
-    python -m stages.weave --pretrained models/pretrained.safetensors \
-        --pretrained-visual models/pretrained_visual.safetensors --data-dir data \
-        --heads-dir models/heads --task-vectors-dir models/task_vectors --metrics-dir metrics
+    python -m stages.weave ties --pretrained models/pretrained.safetensors \
+        --heads-dir models/heads --data-dir data --task-vectors-dir models/task_vectors \
+        --out metrics/weave/ties.json
+
+The method's hyperparameters come from `merge.methods.<method>` (lam excepted: weaving searches
+over `weave.lambdas`); a method used as a pool takes `weave.pool_hyperparameters.<pool>`.
+One woven image tower is held at a time: built, scored on test, dropped.
 """
 
 import argparse
 from pathlib import Path
 
-from mergeloom import evaluate, vectors, weave
+from mergeloom import methods, scoring, setups, vectors, weave
 from stages import common
-
-
-def _without_lam(hyperparameters: dict | None) -> dict:
-    return {k: v for k, v in (hyperparameters or {}).items() if k != "lam"}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--pretrained", "--pretrained-visual", "--data-dir", "--heads-dir",
-                 "--task-vectors-dir", "--metrics-dir"):  # fmt: skip
+    parser.add_argument("method")
+    for name in ("--pretrained", "--heads-dir", "--data-dir", "--task-vectors-dir", "--out"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
-    common.check_pipeline()
-    p = common.load_params("model", "setups", "merge", "weave", "evaluate")
-    cfg, merge_hp = p["weave"], p["merge"]["methods"]
-    model, device = common.load_model(p, args.pretrained)
-    base = vectors.load(args.pretrained_visual)
-    for unit, (setup, tasks) in common.units(p["setups"]).items():
-        task_vectors = common.load_dir(args.task_vectors_dir / unit, tasks)
-        results: dict = {}
-        for problem in common.problems(setup, tasks, p, args.data_dir, args.heads_dir):
-            members = [task_vectors[n] for n in problem.members]
+    p = common.load_params("model", "data", "setups", "merge", "weave")
+    cfg = p["weave"]
+    if args.method not in cfg["methods"]:
+        raise ValueError(f"{args.method!r} is not in weave.methods {cfg['methods']}")
+    hp = {k: v for k, v in (p["merge"]["methods"][args.method] or {}).items() if k != "lam"}
+    checks = {f"merge.methods.{args.method}": (args.method, hp)} | {
+        f"weave.pool_hyperparameters.{pool}": (pool, h)
+        for pool, h in cfg["pool_hyperparameters"].items()}  # fmt: skip
+    for key, (name, h) in checks.items():
+        try:
+            methods.check_hyperparameters(name, h)
+        except ValueError as err:
+            raise ValueError(f"params.yaml: {key}: {err}") from None
+    rt = common.runtime()
+    by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
+                                   heads_dir=args.heads_dir,
+                                   datasets_root=rt["datasets_root"])  # fmt: skip
+    score, theta0 = scoring.scorer(p["model"]["name"], args.pretrained, device=rt["device"],
+                                   batch_size=rt["eval_batch_size"],
+                                   num_workers=rt["num_workers"])  # fmt: skip
+    results: dict = {}
+    for unit, problems in by_unit.items():
+        for problem in problems:
+            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
+                       for t in problem.members]  # fmt: skip
             lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
-            for name in cfg["methods"]:
-                for pool in cfg["pools"]:
-                    delta = weave.weave(
-                        name,
-                        members,
-                        {"lam": cfg["lambdas"]},
-                        pool,
-                        collaborative=cfg["collaborative"],
-                        seed=cfg["seed"],
-                        hyperparameters=_without_lam(merge_hp[name]),
-                        pool_hyperparameters=_without_lam(merge_hp.get(pool)),
-                    )
-                    scores = evaluate.score(model, vectors.apply(base, delta), problem.eval_sets,
-                                            device=device, splits=("test",),
-                                            batch_size=p["evaluate"]["batch_size"])  # fmt: skip
-                    results.setdefault(problem.name, {}).setdefault(name, {})[pool] = {
-                        "scores": scores, "effective_lam": lam_eff}  # fmt: skip
-        common.write_json(args.metrics_dir / unit / "weave.json", results)
+            for pool in cfg["pools"]:
+                delta = weave.weave(
+                    args.method,
+                    members,
+                    {"lam": cfg["lambdas"]},
+                    pool,
+                    collaborative=cfg["collaborative"],
+                    seed=cfg["seed"],
+                    hyperparameters=hp,
+                    pool_hyperparameters=cfg["pool_hyperparameters"].get(pool),
+                )
+                scores = score(vectors.apply(theta0, delta, inplace=True), problem.eval_sets,
+                               splits=("test",))  # fmt: skip
+                results.setdefault(unit, {}).setdefault(problem.name, {})[pool] = {
+                    "scores": scores, "effective_lam": lam_eff}  # fmt: skip
+    common.write_json(args.out, results)
 
 
 if __name__ == "__main__":

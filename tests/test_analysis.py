@@ -271,9 +271,11 @@ def write_setup(root, tasks: dict[str, list[dict]], n_tasks: int = 2, domains=("
     """A params.yaml and task-vector files laid out as the pipeline writes them."""
     import yaml
 
-    params = {"setups": {"multitask": {"tasks": tasks.get("multitask_names", ["digits"])},
-                         "continual": {"class_order": list(range(10)), "n_tasks": n_tasks},
-                         "domains": {"domains": list(domains)}},
+    params = {"setups": {"multitask": {"dataset": "digits",
+                                       "tasks": tasks.get("multitask_names", ["digits"])},
+                         "continual": {"dataset": "digits", "class_order": list(range(10)),
+                                       "n_tasks": n_tasks},
+                         "domains": {"dataset": "digits", "domains": list(domains)}},
               "analysis": {"topk": [0.1, 0.5], "energy_top": [0.1]}}  # fmt: skip
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     for unit, states in tasks.items():

@@ -1,46 +1,101 @@
-"""params.yaml, dvc.yaml and the stage wiring agree with the library, without running anything."""
+"""params files, dvc.yaml files and the stage wiring agree with the library, running nothing."""
 
-import ast
 from pathlib import Path
 
+import pytest
 import yaml
 
-from mergeloom import methods, weave
 from stages import common, pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = [ROOT, *sorted(p.parent for p in (ROOT / "presets").glob("*/params.yaml"))]
 
 
-def test_stage_name_lists_match_the_registries():
-    # stages/common.py spells the names out so that stages without merges need not import them
-    assert list(methods.METHODS) == common.METHOD_NAMES
-    assert [*weave.POOLS, *methods.METHODS] == common.POOL_NAMES
+@pytest.mark.parametrize("folder", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)) or ".")
+def test_committed_dvc_yaml_is_generated_from_its_params(folder):
+    pipeline.validate(common.read_params(folder / "params.yaml"))
+    assert (folder / "dvc.yaml").read_text() == pipeline.render(folder)
 
 
-def test_committed_params_are_valid_in_every_section():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert common.load_params(*params, path=ROOT / "params.yaml").keys() == params.keys()
-
-
-def test_committed_dvc_yaml_is_generated_from_committed_params():
-    assert (ROOT / "dvc.yaml").read_text() == pipeline.render(ROOT / "params.yaml")
-
-
-def _mergeloom_imports(path: Path) -> set[str]:
-    """mergeloom modules a stage script imports directly (`from mergeloom import x, y`)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "mergeloom":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mergeloom."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-def test_every_stage_depends_on_the_library_modules_it_imports():
+def test_code_deps_are_the_modules_each_stage_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         stage = stage.get("do", stage)
-        script = ROOT / "stages" / f"{stage['cmd'].split()[2].removeprefix('stages.')}.py"
-        for module in _mergeloom_imports(script):
-            assert f"mergeloom/{module}.py" in stage["deps"], (name, module)
+        script = stage["cmd"].split()[2]
+        code = [d for d in stage["deps"] if d.endswith(".py")]
+        assert code == pipeline.imported_modules(script), name
+
+
+def test_no_module_every_stage_imports_holds_the_method_or_pool_names():
+    """Adding a method must not rerun fine-tuning: finetune imports neither registry."""
+    finetune = pipeline.imported_modules("stages.finetune")
+    assert "mergeloom/methods.py" not in finetune and "mergeloom/weave.py" not in finetune
+    assert "mergeloom/evaluate.py" not in finetune and "stages/pipeline.py" not in finetune
+    every = set.intersection(*(set(pipeline.imported_modules(f"stages.{s}")) for s in (
+        "data", "pretrain", "heads", "finetune", "task_vectors", "baselines", "merge", "weave",
+        "analyze", "report")))  # fmt: skip
+    # params wiring, safetensors I/O and the Task type: nothing that grows with methods or tasks
+    assert every == {"stages/common.py", "mergeloom/vectors.py", "mergeloom/tasks.py"}, every
+
+
+def test_imports_are_followed_through_library_modules():
+    merge = pipeline.imported_modules("stages.merge")
+    assert {"mergeloom/methods.py", "mergeloom/stats.py", "mergeloom/scoring.py",
+            "mergeloom/evaluate.py", "stages/merge.py"} <= set(merge)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["finetune"].update(steps=0),
+         "params.yaml: finetune.steps = 0 is invalid; expected an integer >= 1"),
+        (lambda p: p["finetune"].update(lr="1e-3"),
+         "params.yaml: finetune.lr = '1e-3' is invalid; expected a number > 0"),
+        (lambda p: p["finetune"].update(epochs=3),
+         "finetune needs exactly one of 'steps' and 'epochs'"),
+        (lambda p: p["finetune"].update(learning_rate=1),
+         "params.yaml: unknown key finetune.learning_rate"),
+        (lambda p: p.update(evaluate={"batch_size": 4}), "unknown section 'evaluate'"),
+        (lambda p: p["setups"]["multitask"].update(tasks=["digits", "sudoku"]),
+         "params.yaml: setups.multitask.tasks = ['digits', 'sudoku'] is invalid; expected a list"),
+        (lambda p: p["setups"]["continual"].update(n_tasks=11),
+         "setups.continual.n_tasks = 11 is invalid; expected 2..10"),
+        (lambda p: p["weave"].update(pools=["median"]),
+         "params.yaml: weave.pools = ['median'] is invalid"),
+        (lambda p: p["merge"]["methods"].update(ties={"densty": 0.2}),
+         "params.yaml: merge.methods.ties: got an unexpected keyword argument 'densty'"),
+        (lambda p: p["merge"]["methods"].update(sudoku={}),
+         "params.yaml: merge.methods.sudoku: unknown method 'sudoku'"),
+        (lambda p: p["weave"].update(methods=["magmax", "magmax"]),
+         "params.yaml: weave.methods = ['magmax', 'magmax'] is invalid"),
+    ],
+)  # fmt: skip
+def test_bad_params_name_the_key_the_value_and_what_is_allowed(edit, message):
+    params = common.read_params(ROOT / "params.yaml")
+    edit(params)
+    with pytest.raises(ValueError) as err:
+        pipeline.validate(params)
+    assert message in str(err.value)
+
+
+def test_runtime_settings_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGELOOM_DEVICE", "cpu")
+    monkeypatch.setenv("MERGELOOM_NUM_WORKERS", "3")
+    monkeypatch.setenv("MERGELOOM_DATASETS", str(tmp_path))
+    assert common.runtime() == {"device": "cpu", "num_workers": 3, "eval_batch_size": 512,
+                                "datasets_root": tmp_path}  # fmt: skip
+    monkeypatch.setenv("MERGELOOM_EVAL_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="MERGELOOM_EVAL_BATCH_SIZE = '0' is invalid"):
+        common.runtime()
+
+
+def test_default_datasets_root_is_outside_every_dvc_output(monkeypatch):
+    monkeypatch.delenv("MERGELOOM_DATASETS", raising=False)
+    root = common.runtime()["datasets_root"]
+    assert root == ROOT / "datasets"
+    for folder in PIPELINES:
+        stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+        for stage in stages.values():
+            for out in stage.get("do", stage).get("outs", []):
+                path = (folder / (out if isinstance(out, str) else next(iter(out)))).resolve()
+                assert root not in (path, *path.parents) and path not in root.parents

@@ -2,7 +2,7 @@
 (tests/fixtures/params_small.yaml: same stages and code, fewer tasks and steps).
 
 One full repro is shared by the tests of this module (module-scoped fixture); each test then
-changes one thing and checks what DVC reruns.
+changes one thing and checks what DVC reruns, and puts it back.
 """
 
 import json
@@ -17,25 +17,34 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "tests" / "fixtures" / "params_small.yaml"
-COPIED = ["mergeloom", "stages", "configs", ".dvcignore", "pyproject.toml"]
+COPIED = ["mergeloom", "stages", "configs", ".dvcignore", ".gitignore", "pyproject.toml"]
+ENV = {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+       "MERGELOOM_DEVICE": "cpu", "MERGELOOM_NUM_WORKERS": "0"}  # fmt: skip
 
 
-def run(repo: Path, *args: str, check: bool = True) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+def run(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> str:
+    full = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **ENV,
+            **(env or {})}  # fmt: skip
+    result = subprocess.run(args, cwd=repo, env=full, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout + result.stderr
 
 
-def dvc(repo: Path, *args: str, check: bool = True) -> str:
-    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
+def dvc(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> str:
+    return run(repo, sys.executable, "-m", "dvc", *args, check=check, env=env)
 
 
 def ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def changed(repo: Path) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    status = dvc(repo, "status")
+    return {line.rstrip(":").strip() for line in status.splitlines()
+            if line and not line.startswith("\t") and line.rstrip().endswith(":")}  # fmt: skip
 
 
 def set_param(repo: Path, dotted: str, value: object) -> None:
@@ -48,10 +57,7 @@ def set_param(repo: Path, dotted: str, value: object) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, str]:
-    """A temporary git repo where the small pipeline was reproduced once, and dvc's output."""
-    repo = tmp_path_factory.mktemp("pipeline")
+def copy_code(repo: Path) -> None:
     for name in COPIED:
         source, target = ROOT / name, repo / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +65,13 @@ def built(tmp_path_factory) -> tuple[Path, str]:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, target)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """A temporary git repo where the small pipeline was reproduced once, and dvc's output."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    copy_code(repo)
     shutil.copy(SMALL, repo / "params.yaml")
     run(repo, "git", "init", "-q")
     dvc(repo, "init", "-q")
@@ -73,73 +86,102 @@ def built(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture
 def repo(built) -> Path:
-    return built[0]
+    """The built repo; afterwards params.yaml is restored and so are the outputs (run-cache)."""
+    yield built[0]
+    run(built[0], "git", "checkout", "params.yaml")
+    dvc(built[0], "repro")
 
 
 def test_full_repro_runs_every_stage_and_writes_metrics(built):
     repo, first = built
     stages = ran(first)
-    assert {"data", "pretrain", "heads", "finetune_sequential", "task_vectors", "evaluate",
-            "merge", "weave", "report"} <= stages  # fmt: skip
-    assert "finetune@multitask-digits" in stages and "finetune@domains-rotated" in stages
-    assert {"analyze@multitask", "analyze@continual", "analyze@domains"} <= stages
+    assert {"data", "pretrain", "heads", "task_vectors", "baselines", "report",
+            "finetune_multitask@digits", "finetune_multitask@rotated", "finetune_continual@split0",
+            "finetune_continual@split1", "finetune_domains@rotated",
+            "finetune_sequential@split0", "finetune_sequential@split1", "finetune_domains@plain",
+            "merge@weight_averaging", "merge@task_arithmetic", "merge@ties",
+            "weave@task_arithmetic", "weave@ties",
+            "analyze@multitask", "analyze@continual", "analyze@domains"} == stages  # fmt: skip
     analysis = json.loads((repo / "metrics/analysis/continual.json").read_text())
     assert set(analysis) == {"individual", "sequential", "sequential_increments"}
     for name in ("cosine", "layers", "spectra", "redundancy"):
         assert (repo / f"plots/analysis/continual/{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "analysis/continual.json" in dvc(repo, "metrics", "show")
+    merged = json.loads((repo / "metrics/merge/ties.json").read_text())
+    assert set(merged) == {"multitask", "continual", "continual_sequential", "domains"}
+    assert merged["multitask"]["all"]["oracle_lam"] in (0.5, 1.0)
+    assert set(merged["domains"]) == {"plain", "rotated"}  # one problem per held-out domain
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary) == {"multitask", "continual", "continual_sequential", "domains"}
     for unit, rows in summary.items():
-        iqr = rows.pop("per-set optimal lambda IQR")
-        assert set(iqr) == {"weight_averaging", "task_arithmetic", "ties"}, unit
+        rows.pop("per-set optimal lambda IQR")
         assert {"zero-shot", "individual experts", "ties", "ties + weave (mean)",
                 "ties @ oracle lambda"} <= set(rows), unit  # fmt: skip
         assert all(0 <= row["absolute"] <= 1 for row in rows.values()), unit
+    assert "## multitask" in (repo / "reports/summary.md").read_text()
     assert "up to date" in dvc(repo, "status")
 
 
-def test_pool_change_reruns_only_weave_and_report(repo):
+def test_a_method_hyperparameter_reruns_that_method_and_the_report_only(repo):
+    set_param(repo, "merge.methods.ties.k", 0.1)
+    assert changed(repo) == {"merge@ties", "weave@ties", "report"}
+    assert ran(dvc(repo, "repro")) == {"merge@ties", "weave@ties", "report"}
+
+
+def test_pools_rerun_weaving_only_and_the_run_cache_restores_every_stage(repo):
     set_param(repo, "weave.pools", ["random"])
-    status = dvc(repo, "status")
-    changed = {
-        line.rstrip(":").strip()
-        for line in status.splitlines()
-        if line and not line.startswith("\t") and line.rstrip().endswith(":")
-    }
-    assert changed == {"weave"}, status
-    assert ran(dvc(repo, "repro")) == {"weave", "report"}
+    assert changed(repo) == {"weave@task_arithmetic", "weave@ties", "report"}
+    assert ran(dvc(repo, "repro")) == {"weave@task_arithmetic", "weave@ties", "report"}
     run(repo, "git", "checkout", "params.yaml")
-    assert ran(dvc(repo, "repro")) <= {"weave", "report"}  # back: run-cache or rerun, nothing else
-
-
-def test_analysis_change_reruns_only_the_analysis(repo):
-    set_param(repo, "analysis.topk", [0.05])
-    analyzed = {"analyze@multitask", "analyze@continual", "analyze@domains"}
-    assert ran(dvc(repo, "repro")) == analyzed | {"report"}  # the summary quotes the analysis
-    rows = (repo / "plots/analysis/multitask/redundancy.csv").read_text().splitlines()
-    assert len(rows) == 2 and rows[1].startswith("0.05,")
+    back = dvc(repo, "repro")
+    assert ran(back) == set() and "is cached - skipping run" in back, back
+    set_param(repo, "weave.pools", ["random"])
+    again = dvc(repo, "repro")  # git-tracked metrics come back from the run-cache too
+    assert ran(again) == set(), again
+    woven = json.loads((repo / "metrics/weave/ties.json").read_text())
+    assert set(woven["multitask"]["all"]) == {"random"}
     run(repo, "git", "checkout", "params.yaml")
-    dvc(repo, "repro")
+    assert ran(dvc(repo, "repro")) == set()
 
 
-def test_new_method_or_lambda_retrains_no_expert(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["merge"]["methods"]["magmax"] = {"lam": 0.5}
-    params["sweep"]["lambdas"] = [*params["sweep"]["lambdas"], 2.0]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stages = ran(dvc(repo, "repro"))
-    assert stages == {"merge", "weave", "report"}, stages
-    sweep = json.loads((repo / "metrics/multitask/sweep.json").read_text())
-    assert set(sweep["all"]["magmax"]["curves"]) == {"0.5", "1", "2"}
+def test_a_new_method_adds_its_stage_and_reruns_only_the_report(repo):
+    set_param(repo, "merge.methods.magmax", {"lam": 0.5})
+    assert ran(dvc(repo, "repro")) == {"merge@magmax", "report"}
+    sweep = json.loads((repo / "metrics/merge/magmax.json").read_text())["multitask"]["all"]
+    assert set(sweep["curves"]) == {"0.5", "1"}
+    assert "magmax" in json.loads((repo / "metrics/summary.json").read_text())["multitask"]
     run(repo, "git", "checkout", "params.yaml")
-    dvc(repo, "repro")
+    # DVC leaves the removed stage's metrics/merge/magmax.json behind; the report's input folder
+    # differs from the first run, so the report reruns (reading methods by name: same bytes).
+    assert ran(dvc(repo, "repro")) == {"report"}
+    committed = run(repo, "git", "show", "HEAD:metrics/summary.json")
+    assert (repo / "metrics/summary.json").read_text() == committed
+    (repo / "metrics/merge/magmax.json").unlink()
+    (repo / "plots/sweep/magmax.csv").unlink()
+
+
+def test_runtime_settings_rerun_nothing(repo):
+    env = {"MERGELOOM_DEVICE": "auto", "MERGELOOM_EVAL_BATCH_SIZE": "7",
+           "MERGELOOM_NUM_WORKERS": "1", "MERGELOOM_DATASETS": str(repo / "elsewhere")}  # fmt: skip
+    assert "up to date" in dvc(repo, "status", env=env)
+    assert ran(dvc(repo, "repro", env=env)) == set()
+
+
+def test_editing_merge_code_never_invalidates_fine_tuning(repo):
+    methods = repo / "mergeloom" / "methods.py"
+    original = methods.read_text()
+    methods.write_text(original + "\n# an edit\n")
+    try:
+        stale = changed(repo)
+    finally:
+        methods.write_text(original)
+    assert "merge@ties" in stale and "weave@ties" in stale, stale
+    assert all(s.startswith(("merge@", "weave@")) for s in stale), stale
 
 
 def test_deleted_outputs_are_restored_from_cache_without_recomputing(repo):
     expert = repo / "models/experts/multitask/digits.safetensors"
     before = expert.read_bytes()
-    for folder in ("data", "models", "logs"):  # every cached output
+    for folder in ("data", "models", "logs", "reports"):  # every cached output
         shutil.rmtree(repo / folder)
     output = dvc(repo, "repro")
     assert ran(output) == set(), output
@@ -150,37 +192,26 @@ def test_deleted_outputs_are_restored_from_cache_without_recomputing(repo):
 def stage_command(repo: Path, stage: str) -> list[str]:
     """The stage's command from dvc.yaml, run directly (DVC would first delete its outputs)."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    if "@" in stage:
-        group, item = stage.split("@")
-        cmd, items = stages[group]["do"]["cmd"], stages[group]["foreach"]
-        if isinstance(items, list):  # foreach over plain names
-            cmd = cmd.replace("${item}", item)
-        else:
-            for key, value in items[item].items():
-                cmd = cmd.replace(f"${{item.{key}}}", value)
-    else:
-        cmd = stages[stage]["cmd"]
+    group, _, item = stage.partition("@")
+    cmd = stages[group].get("do", stages[group])["cmd"]
+    cmd = cmd.replace("${item}", item).replace("${key}", item)
     return [sys.executable, *cmd.split()[1:]]
 
 
-def test_a_stale_dvc_yaml_fails_with_a_hint(repo):
-    set_param(repo, "setups.multitask.tasks", ["digits", "parity"])
+def test_a_stale_pipeline_shape_fails_with_a_hint(repo):
+    set_param(repo, "setups.continual.n_tasks", 3)
     output = run(repo, *stage_command(repo, "task_vectors"), check=False)
-    assert "dvc.yaml is out of date with params.yaml: run `make pipeline`" in output
-    run(repo, "git", "checkout", "params.yaml")
+    assert "dvc.yaml is out of date with params.yaml" in output and "make pipeline" in output
 
 
 @pytest.mark.parametrize(
     ("key", "value", "stage", "message"),
     [
-        ("finetune.steps", 0, "finetune@multitask-digits",
+        ("finetune.steps", 0, "finetune_multitask@digits",
          "params.yaml: finetune.steps = 0 is invalid; expected an integer >= 1"),
-        ("setups.multitask.tasks", ["digits", "sudoku"], "data",
-         "params.yaml: setups.multitask.tasks = ['digits', 'sudoku'] is invalid; expected a list"),
         ("setups.multitask.tasks", [], "data", "params.yaml: setups.multitask.tasks = [] is"),
-        ("weave.pools", ["median"], "weave", "params.yaml: weave.pools = ['median'] is invalid"),
-        ("merge.methods", {"ties": {"densty": 0.2}}, "merge",
-         "params.yaml: merge.methods.ties: got an unexpected keyword argument 'densty'"),
+        ("merge.methods", {"ties": {"densty": 0.2}}, "merge@ties",
+         "merge.methods.ties: got an unexpected keyword argument 'densty'"),
         ("pretrain.lr", "fast", "pretrain", "params.yaml: pretrain.lr = 'fast' is invalid"),
         ("analysis.topk", [1.5], "analyze@continual",
          "params.yaml: analysis.topk = [1.5] is invalid; expected a non-empty list in (0, 1)"),
@@ -190,18 +221,21 @@ def test_bad_params_fail_before_any_work(repo, key, value, stage, message):
     expert = repo / "models/experts/multitask/digits.safetensors"
     before = expert.stat().st_mtime_ns
     set_param(repo, key, value)
-    try:
-        output = run(repo, *stage_command(repo, stage), check=False)
-    finally:
-        run(repo, "git", "checkout", "params.yaml")
+    output = run(repo, *stage_command(repo, stage), check=False)
     assert message in output, output
     assert "Traceback" not in output  # a clear one-line error, not a crash
     assert expert.stat().st_mtime_ns == before
 
 
-def test_exp_run_with_a_pool_override_shows_metrics(repo):
-    output = dvc(repo, "exp", "run", "-S", "weave.pools=[random]", "-n", "pool-random")
-    assert ran(output) == {"weave", "report"}, output
-    table = dvc(repo, "exp", "show", "--csv")
-    assert "pool-random" in table
-    assert "multitask.ties + weave (random).absolute" in table
+def test_exp_run_over_a_task_list_needs_no_new_dvc_yaml(repo):
+    """Last in this module: `dvc exp run` leaves its results in the workspace."""
+    output = dvc(repo, "exp", "run", "-S", "setups.multitask.tasks=[digits,parity]", "-n", "two")
+    stages = ran(output)
+    assert "finetune_multitask@parity" in stages, output
+    assert not any(s.startswith(("finetune_multitask@digits", "finetune_continual",
+                                 "finetune_sequential", "finetune_domains", "pretrain"))
+                   for s in stages), stages  # fmt: skip
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert "parity" in json.dumps(json.loads((repo / "metrics/baselines.json").read_text()))
+    assert set(summary["multitask"]) >= {"zero-shot", "ties"}
+    assert "two" in dvc(repo, "exp", "show", "--csv")

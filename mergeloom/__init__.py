@@ -1,19 +1,5 @@
 """mergeloom: data-free model merging and Weight Weaving on dicts of tensors.
 
-Weight Weaving lives in ``mergeloom.weave`` (``from mergeloom.weave import weave``): not
-re-exported here, so that ``from mergeloom import weave`` is the module.
+Import the modules themselves (``from mergeloom import methods, weave, vectors``): this file
+imports nothing, so that importing one module never loads (or, for DVC, depends on) another.
 """
-
-from mergeloom.methods import METHODS, get
-from mergeloom.vectors import StateDict, TaskVector, apply, load, load_task_vectors, save
-
-__all__ = [
-    "METHODS",
-    "StateDict",
-    "TaskVector",
-    "apply",
-    "get",
-    "load",
-    "load_task_vectors",
-    "save",
-]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mergeloom import datasets, protocol, tasks, vectors
+from mergeloom import protocol, tasks, vectors
 from mergeloom.tasks import Task
 
 ALL = "all"  # continual: the task with every class, scored with one head (task-agnostic)
@@ -40,7 +40,9 @@ def class_order(cfg: Mapping) -> list[int]:
     if cfg["dataset"] == "digits":
         return list(range(DIGIT_CLASSES))
     if cfg["dataset"] == "CIFAR100":
-        return list(datasets.MAGMAX_CIFAR100_ORDER)
+        from mergeloom.datasets import MAGMAX_CIFAR100_ORDER
+
+        return list(MAGMAX_CIFAR100_ORDER)
     raise ValueError(f"setups.continual.dataset = {cfg['dataset']!r}: give a class_order")
 
 
@@ -101,6 +103,8 @@ def load_tasks(
     Raises:
         ValueError: A task file or dataset is missing (naming the path), or an unknown name.
     """
+    from mergeloom import datasets  # here: torchvision costs a second of every stage's start-up
+
     wanted = list(names) if names is not None else task_names(setup, cfg)
     split = {"val_fraction": data["val_fraction"], "val_max": data["val_max"],
              "seed": data["seed"]}  # fmt: skip

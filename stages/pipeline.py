@@ -61,6 +61,9 @@ def imported_modules(script: str) -> list[str]:
         if path is None or module in seen:
             continue
         seen.add(module)
+        package = module.rpartition(".")[0]
+        if package:  # importing a module runs its package's __init__.py first
+            todo.append(f"{package}.__init__")
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module in ("mergeloom", "stages"):
                 todo += [f"{node.module}.{a.name}" for a in node.names]

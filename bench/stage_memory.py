@@ -29,7 +29,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -251,10 +250,10 @@ def main() -> None:
                 "eval_images": args.eval_images}  # fmt: skip
     prepare(work, settings, args.rebuild)
 
+    path = [str(work / "site"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "MERGELOOM_DEVICE": "cpu", "MERGELOOM_NUM_WORKERS": "0",
            "MERGELOOM_DATASETS": str(work / "datasets"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(work / "site"), str(ROOT),
-                                          *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join(path)}  # fmt: skip
     env.pop("MERGELOOM_EVAL_BATCH_SIZE", None)  # the default (512), as in a plain `dvc repro`
     (work / "logs").mkdir(exist_ok=True)
     tv_dir = work / "models" / "task_vectors" / "multitask"
@@ -280,8 +279,11 @@ def main() -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             log = work / "logs" / f"{name.replace(' ', '_')}.log"
             result = measure(cmd, work, env, log)
-            result["command"] = " ".join(["python", *cmd[1:2], repr(cmd[2]), *cmd[3:]]
-                                         if kind == "imports" else ["python", *cmd[1:]])
+            result["command"] = " ".join(
+                ["python", *cmd[1:2], repr(cmd[2]), *cmd[3:]]
+                if kind == "imports"
+                else ["python", *cmd[1:]]
+            )
             report["stages"][name] = result
             print(f"  {result}", file=sys.stderr, flush=True)
     report["driver_rss_gb"] = round(psutil.Process().memory_info().rss / 2**30, 3)

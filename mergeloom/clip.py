@@ -200,6 +200,52 @@ def load_image_encoder(model: open_clip.CLIP, state: Mapping[str, torch.Tensor])
     _load_strict(model.visual, state, "load_image_encoder")
 
 
+def load_image_encoder_update(
+    model: open_clip.CLIP, pretrained: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]
+) -> None:
+    """Load ``pretrained + delta`` into ``model.visual`` in place, one key at a time.
+
+    The same values as ``load_image_encoder(model, vectors.apply(pretrained, delta))``, without
+    ever building the merged state dict: a merge stage holds the update and the model, nothing
+    more. Either map may be lazy (read from disk key by key); keys absent from ``delta`` get
+    the pretrained value.
+
+    Raises:
+        ValueError: ``delta`` has keys the image tower lacks, ``pretrained`` lacks one of its
+            keys, or a shape differs (each named).
+    """
+    current = {k: v for k, v in model.visual.state_dict().items() if v.is_floating_point()}
+    unexpected = sorted(set(delta) - set(current))
+    missing = sorted(set(current) - set(pretrained))
+    if unexpected or missing:
+        raise ValueError(
+            f"load_image_encoder_update: {len(unexpected)} update keys the image tower lacks "
+            f"{unexpected[:_MAX_LISTED]}, {len(missing)} image-tower keys missing from the "
+            f"pretrained state {missing[:_MAX_LISTED]}"
+        )
+    with torch.no_grad():  # state_dict() tensors share storage with the parameters
+        for key, dst in current.items():
+            base = pretrained[key]
+            if base.shape != dst.shape:
+                raise ValueError(
+                    f"load_image_encoder_update: {key!r} has shape {tuple(base.shape)}, "
+                    f"the model expects {tuple(dst.shape)}"
+                )
+            dst.copy_(base.float() + delta[key] if key in delta else base)
+
+
+def drop_text_tower(model: open_clip.CLIP) -> None:
+    """Free everything but ``model.visual`` and the logit scale, in place: scoring with
+    precomputed zero-shot heads only runs ``encode_image`` (ViT-B-32: 0.24 GB less)."""
+    keep = {"visual", "logit_scale", "logit_bias"}
+    for name in [n for n in model._modules if n not in keep]:
+        setattr(model, name, None)
+    for name in [n for n in model._parameters if n not in keep]:
+        setattr(model, name, None)
+    for name in list(model._buffers):
+        model._buffers[name] = None
+
+
 def full_state(model: open_clip.CLIP) -> StateDict:
     """Every float tensor of the whole CLIP, cloned to the CPU (the pretrained checkpoint)."""
     return _float_state(model)

@@ -187,7 +187,7 @@ def _derive(dataset: Dataset, done: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 def score(
     model: open_clip.CLIP,
-    visual: Mapping[str, torch.Tensor],
+    visual: Mapping[str, torch.Tensor] | None,
     eval_sets: Sequence[EvalSet],
     *,
     transform,
@@ -196,7 +196,8 @@ def score(
     num_workers: int = 0,
     splits: Sequence[str] = ("val", "test"),
 ) -> dict[str, dict[str, float]]:
-    """{set name: {split: accuracy}} with ``visual`` loaded as the image encoder.
+    """{set name: {split: accuracy}} with ``visual`` loaded as the image encoder (None: the
+    model's image encoder as it is, e.g. after ``clip.load_image_encoder_update``).
 
     Every distinct dataset is encoded once, then each set's head is applied to its features:
     a sweep scores hundreds of merged encoders. A set whose split is a Subset / Relabeled of
@@ -208,7 +209,8 @@ def score(
     """
     _check_batch_size(batch_size, num_workers)
     device = _device(device)
-    load_image_encoder(model, visual)
+    if visual is not None:
+        load_image_encoder(model, visual)
     parts = [(s, split, getattr(s, split)) for s in eval_sets for split in splits]
     for s, split, part in parts:
         if len(part) == 0:

@@ -1,15 +1,22 @@
-"""A scorer for the baseline, merge and weave stages: theta_0's CLIP with one image tower swapped
-in per evaluation, scored on evaluation sets (mergeloom.evaluate, the one evaluation path)."""
+"""A scorer for the baseline, merge and weave stages: theta_0's image tower with one update (or
+one whole image tower) loaded per evaluation, scored on evaluation sets through
+``mergeloom.evaluate``, the one evaluation path.
+
+Memory is what a stage holds at scale (8 ViT-B/32 experts, BENCHMARKS.md): the model without its
+text tower (heads are precomputed), theta_0 read lazily from its file, and the update being
+scored, written into the model key by key; no merged state dict is built.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from mergeloom import clip, evaluate, loops, vectors
 from mergeloom.protocol import EvalSet
 from mergeloom.setups import in_memory
-from mergeloom.vectors import StateDict
 
 Score = Callable[..., dict[str, dict[str, float]]]
 
@@ -17,27 +24,42 @@ Score = Callable[..., dict[str, dict[str, float]]]
 def scorer(
     model_name: str,
     pretrained: str | Path,
+    pretrained_visual: str | Path,
     *,
     device: str,
     batch_size: int,
     num_workers: int,
-) -> tuple[Score, StateDict]:
-    """(score(visual, eval_sets, splits=("val", "test")), theta_0's image tower).
+) -> Score:
+    """``score(eval_sets, *, delta=None, visual=None, splits=("val", "test"))``.
 
-    ``pretrained`` is the full CLIP state (text tower included) saved by the pretrain stage.
-    DataLoader workers start only for sets read from disk (``num_workers`` for those).
+    Give exactly one of ``delta`` (an update of theta_0's image tower, e.g. a merged task vector
+    or a lazy lambda candidate) or ``visual`` (a whole image tower, e.g. an expert).
+    ``pretrained`` is the full CLIP state saved by the pretrain stage, ``pretrained_visual`` its
+    image tower. DataLoader workers start only for sets read from disk.
     """
     model, _ = clip.load_clip(model_name)
     clip.load_full_state(model, vectors.load(pretrained))
+    clip.drop_text_tower(model)
+    theta0 = vectors.SafetensorsFile(pretrained_visual)
     _, val_tf = loops.transforms(model)
     target = clip.pick_device(device)
 
     def score(
-        visual: StateDict, eval_sets: Sequence[EvalSet], splits: Sequence[str] = ("val", "test")
+        eval_sets: Sequence[EvalSet],
+        *,
+        delta: Mapping[str, torch.Tensor] | None = None,
+        visual: Mapping[str, torch.Tensor] | None = None,
+        splits: Sequence[str] = ("val", "test"),
     ) -> dict[str, dict[str, float]]:
+        if (delta is None) == (visual is None):
+            raise ValueError("score: give exactly one of delta= and visual=")
+        if delta is not None:
+            clip.load_image_encoder_update(model, theta0, delta)
+        else:
+            clip.load_image_encoder(model, visual)
         on_disk = any(not in_memory(getattr(s, split)) for s in eval_sets for split in splits)
-        return evaluate.score(model, visual, eval_sets, transform=val_tf, batch_size=batch_size,
+        return evaluate.score(model, None, eval_sets, transform=val_tf, batch_size=batch_size,
                               device=target, num_workers=num_workers if on_disk else 0,
                               splits=tuple(splits))  # fmt: skip
 
-    return score, clip.image_encoder_state(model)
+    return score

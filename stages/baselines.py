@@ -1,7 +1,8 @@
 """Baselines of every unit: the zero-shot model and each individual expert on every eval set.
 
     python -m stages.baselines --pretrained models/pretrained.safetensors \
-        --heads-dir models/heads --data-dir data --experts-dir models/experts \
+        --pretrained-visual models/pretrained_visual.safetensors --heads-dir models/heads \
+        --data-dir data --experts-dir models/experts \
         --out metrics/baselines.json
 """
 
@@ -14,7 +15,8 @@ from stages import common
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--pretrained", "--heads-dir", "--data-dir", "--experts-dir", "--out"):
+    for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
+                 "--experts-dir", "--out"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
     p = common.load_params("model", "data", "setups")
@@ -22,19 +24,20 @@ def main(argv: list[str] | None = None) -> None:
     by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
                                    heads_dir=args.heads_dir,
                                    datasets_root=rt["datasets_root"])  # fmt: skip
-    score, theta0 = scoring.scorer(p["model"]["name"], args.pretrained, device=rt["device"],
-                                   batch_size=rt["eval_batch_size"],
-                                   num_workers=rt["num_workers"])  # fmt: skip
+    score = scoring.scorer(p["model"]["name"], args.pretrained, args.pretrained_visual,
+                           device=rt["device"], batch_size=rt["eval_batch_size"],
+                           num_workers=rt["num_workers"])  # fmt: skip
     zero_shot, results = {}, {}
     for unit, problems in by_unit.items():
         sets = protocol.eval_sets_of(problems)
         setup = setups.units(p["setups"])[unit].setup
         if setup not in zero_shot:  # the same model on the same sets for both continual units
-            zero_shot[setup] = score(theta0, sets)
-        experts = {t: vectors.load(args.experts_dir / unit / f"{t}.safetensors")
+            zero_shot[setup] = score(sets, delta={})
+        experts = {t: args.experts_dir / unit / f"{t}.safetensors"
                    for t in setups.units(p["setups"])[unit].tasks}  # fmt: skip
         results[unit] = {"zeroshot": zero_shot[setup],
-                         "experts": {t: score(e, sets) for t, e in experts.items()}}  # fmt: skip
+                         "experts": {t: score(sets, visual=vectors.load(e))
+                                     for t, e in experts.items()}}  # fmt: skip
     common.write_json(args.out, results)
 
 

@@ -251,7 +251,7 @@ def runtime() -> dict:
                          "cuda or cuda:N")  # fmt: skip
     out = {"device": device, "datasets_root": Path(env["datasets_root"] or
                                                    repository_root() / "datasets")}  # fmt: skip
-    for key, default in (("num_workers", min(8, os.cpu_count() or 1)), ("eval_batch_size", 512)):
+    for key, default in (("num_workers", min(8, os.cpu_count() or 1)), ("eval_batch_size", 256)):
         raw = env[key]
         try:
             value = default if raw is None else int(raw)

@@ -2,12 +2,14 @@
 the oracle lambda picked on the validation split.
 
     python -m stages.merge ties --pretrained models/pretrained.safetensors \
-        --heads-dir models/heads --data-dir data --task-vectors-dir models/task_vectors \
+        --pretrained-visual models/pretrained_visual.safetensors --heads-dir models/heads \
+        --data-dir data --task-vectors-dir models/task_vectors \
         --out metrics/merge/ties.json --plot plots/sweep/ties.csv
 
-Task vectors are read lazily, one tensor at a time; one merged image tower is held at a time:
-built, scored, dropped. Merged weights are not kept (any of them is one `mergeloom merge` call
-away from the stored experts); the metrics and curves are. The oracle uses privileged data
+Task vectors are read lazily, one tensor at a time; each merge is written into the model key by
+key and scored (mergeloom.scoring): no merged state dict is built. Merged weights are not kept
+(any of them is one `mergeloom merge` call away from the stored experts); the metrics and curves
+are. The oracle uses privileged data
 (validation labels): an upper bound for data-free methods, never selected on the test split.
 """
 
@@ -18,13 +20,13 @@ from mergeloom import methods, protocol, scoring, setups, vectors, weave
 from stages import common
 
 
-def sweep(score, theta0: dict, members: list, name: str, hp: dict, lambdas: list, problem) -> dict:
+def sweep(score, members: list, name: str, hp: dict, lambdas: list, problem) -> dict:
+    """Accuracy at each lambda; the candidates are lazy views (offset + lambda * direction)."""
     fixed = {k: v for k, v in hp.items() if k != "lam"}
     curves = {}
     for lam, candidate in zip(lambdas, weave.lambda_candidates(name, members, lambdas, fixed),
                               strict=True):  # fmt: skip
-        curves[f"{lam:g}"] = score(vectors.apply(theta0, dict(candidate), inplace=True),
-                                   problem.eval_sets)  # fmt: skip
+        curves[f"{lam:g}"] = score(problem.eval_sets, delta=candidate)
     val = {lam: {s: acc["val"] for s, acc in sets.items()} for lam, sets in curves.items()}
     best = protocol.oracle(val, problem.primary)
     return {"curves": curves, "oracle_lam": float(best), "oracle": curves[best],
@@ -34,8 +36,8 @@ def sweep(score, theta0: dict, members: list, name: str, hp: dict, lambdas: list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method")
-    for name in ("--pretrained", "--heads-dir", "--data-dir", "--task-vectors-dir", "--out",
-                 "--plot"):  # fmt: skip
+    for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
+                 "--task-vectors-dir", "--out", "--plot"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
     p = common.load_params("model", "data", "setups", "sweep", "merge")
@@ -51,18 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
                                    heads_dir=args.heads_dir,
                                    datasets_root=rt["datasets_root"])  # fmt: skip
-    score, theta0 = scoring.scorer(p["model"]["name"], args.pretrained, device=rt["device"],
-                                   batch_size=rt["eval_batch_size"],
-                                   num_workers=rt["num_workers"])  # fmt: skip
+    score = scoring.scorer(p["model"]["name"], args.pretrained, args.pretrained_visual,
+                           device=rt["device"], batch_size=rt["eval_batch_size"],
+                           num_workers=rt["num_workers"])  # fmt: skip
     results, rows = {}, []
     for unit, problems in by_unit.items():
         for problem in problems:
             members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
                        for t in problem.members]  # fmt: skip
-            default = score(vectors.apply(theta0, method(members, **hp), inplace=True),
-                            problem.eval_sets)  # fmt: skip
-            result = sweep(score, theta0, members, args.method, hp, p["sweep"]["lambdas"],
-                           problem)  # fmt: skip
+            default = score(problem.eval_sets, delta=method(members, **hp))
+            result = sweep(score, members, args.method, hp, p["sweep"]["lambdas"], problem)
             results.setdefault(unit, {})[problem.name] = {"default": default, **result}
             rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
                      for lam, sets in result["curves"].items()

@@ -116,8 +116,10 @@ def render(folder: Path = Path(".")) -> str:
                "--experts-dir models/experts --out-dir models/task_vectors",
         "deps": code("stages.task_vectors") + [VISUAL, "models/experts"],
         "params": ["setups"], "outs": ["models/task_vectors"]}  # fmt: skip
-    scoring = [PRE, "models/heads", *data_deps]
-    model_args = f"--pretrained {PRE} --heads-dir models/heads --data-dir data"
+    scoring = [PRE, VISUAL, "models/heads", *data_deps]
+    model_args = (
+        f"--pretrained {PRE} --pretrained-visual {VISUAL} --heads-dir models/heads --data-dir data"
+    )
     stages["baselines"] = {
         "cmd": f"python -m stages.baselines {model_args} --experts-dir models/experts "
                "--out metrics/baselines.json",

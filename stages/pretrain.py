@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = common.load_params("pretrain")["pretrain"] if trained else None
     if trained and args.data is None:
         raise ValueError("model.pretrained is null: give --data to train theta_0")
+    if trained:  # the random init is part of the run: seed it
+        torch.manual_seed(cfg["seed"])
     model, tokenizer = clip.load_clip(m["name"], m["pretrained"])
     with Live(str(args.logs), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         if trained:
@@ -45,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
                     for key, value in values.items():
                         live.log_metric(f"pretrain/{key}", float(value))
 
-            torch.manual_seed(cfg["seed"])
             device = clip.pick_device(common.runtime()["device"])
             train.pretrain(model, tokenizer, source["images"], captions, log=log, device=device,
                            **cfg)  # fmt: skip

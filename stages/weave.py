@@ -1,12 +1,13 @@
 """Weight Weaving of one lambda-scaled method with every pool, on every unit.
 
     python -m stages.weave ties --pretrained models/pretrained.safetensors \
-        --heads-dir models/heads --data-dir data --task-vectors-dir models/task_vectors \
+        --pretrained-visual models/pretrained_visual.safetensors --heads-dir models/heads \
+        --data-dir data --task-vectors-dir models/task_vectors \
         --out metrics/weave/ties.json
 
 The method's hyperparameters come from `merge.methods.<method>` (lam excepted: weaving searches
 over `weave.lambdas`); a method used as a pool takes `weave.pool_hyperparameters.<pool>`.
-One woven image tower is held at a time: built, scored on test, dropped.
+One woven update is held at a time: built, written into the model, scored on test, dropped.
 """
 
 import argparse
@@ -19,7 +20,8 @@ from stages import common
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method")
-    for name in ("--pretrained", "--heads-dir", "--data-dir", "--task-vectors-dir", "--out"):
+    for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
+                 "--task-vectors-dir", "--out"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args(argv)
     p = common.load_params("model", "data", "setups", "merge", "weave")
@@ -39,9 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
                                    heads_dir=args.heads_dir,
                                    datasets_root=rt["datasets_root"])  # fmt: skip
-    score, theta0 = scoring.scorer(p["model"]["name"], args.pretrained, device=rt["device"],
-                                   batch_size=rt["eval_batch_size"],
-                                   num_workers=rt["num_workers"])  # fmt: skip
+    score = scoring.scorer(p["model"]["name"], args.pretrained, args.pretrained_visual,
+                           device=rt["device"], batch_size=rt["eval_batch_size"],
+                           num_workers=rt["num_workers"])  # fmt: skip
     results: dict = {}
     for unit, problems in by_unit.items():
         for problem in problems:
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                     hyperparameters=hp,
                     pool_hyperparameters=cfg["pool_hyperparameters"].get(pool),
                 )
-                scores = score(vectors.apply(theta0, delta, inplace=True), problem.eval_sets,
-                               splits=("test",))  # fmt: skip
+                scores = score(problem.eval_sets, delta=delta, splits=("test",))
+                del delta  # the next pool's weave must not find this one still held
                 results.setdefault(unit, {}).setdefault(problem.name, {})[pool] = {
                     "scores": scores, "effective_lam": lam_eff}  # fmt: skip
     common.write_json(args.out, results)

@@ -189,6 +189,15 @@ def test_deleted_outputs_are_restored_from_cache_without_recomputing(repo):
     assert expert.read_bytes() == before
 
 
+def test_forced_reruns_of_pretraining_and_fine_tuning_are_bit_identical(repo):
+    files = [repo / "models/pretrained.safetensors",
+             repo / "models/experts/continual_sequential/split1.safetensors"]  # fmt: skip
+    before = [f.read_bytes() for f in files]
+    for stage in ("pretrain", "finetune_sequential@split1"):
+        assert ran(dvc(repo, "repro", "-f", "-s", stage)) == {stage}
+    assert [f.read_bytes() for f in files] == before
+
+
 def stage_command(repo: Path, stage: str) -> list[str]:
     """The stage's command from dvc.yaml, run directly (DVC would first delete its outputs)."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]

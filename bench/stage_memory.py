@@ -14,9 +14,9 @@ records each process's wall time and peak RSS (psutil polling of the process tre
 bench/merge_bench.py does, and the kernel's ru_maxrss from wait4). Prints a markdown table and
 writes JSON. The folder is reused when it was built with the same settings (--rebuild forces).
 
-MNIST's test split has --eval-images images (default 512 = the default MERGELOOM_EVAL_BATCH_SIZE)
-so one full evaluation batch (its images, collation and activations) is part of the peak; every
-other set has a few images per class.
+MNIST's test split has --eval-images images (default 512, two batches at the default
+MERGELOOM_EVAL_BATCH_SIZE of 256), so full evaluation batches (their images, collation and
+activations) are part of the peak; every other set has a few images per class.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ for cls in (tvd.CIFAR10, tvd.CIFAR100):
     cls.test_list = [[name, None] for name, _ in cls.test_list]
     cls.meta = {**cls.meta, "md5": None}
 """  # as tests/test_preset_dvc.py: torchvision checks CIFAR md5 sums, these files are fake
-MODEL_ARGS = ["--pretrained", "models/pretrained.safetensors", "--heads-dir", "models/heads",
+MODEL_ARGS = ["--pretrained", "models/pretrained.safetensors", "--pretrained-visual",
+              "models/pretrained_visual.safetensors", "--heads-dir", "models/heads",
               "--data-dir", "data", "--task-vectors-dir", "models/task_vectors"]  # fmt: skip
 NOISE_STD = 0.01
 # the floor every stage process starts from: its imports (torch's shared libraries are most of it)
@@ -118,6 +119,7 @@ def build(work: Path, settings: dict) -> None:
             vectors.save({"head": head}, work / "models" / "heads" / "multitask" /
                          f"{task}.safetensors")  # fmt: skip
     visual = clip.image_encoder_state(model)
+    vectors.save(visual, work / "models" / "pretrained_visual.safetensors")
     del model
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(i + 1)

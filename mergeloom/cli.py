@@ -4,7 +4,10 @@
     mergeloom merge ties --pretrained P.safetensors --experts A.safetensors B.safetensors \\
         --out M.safetensors [--lam 1.0] [--set k=0.2 ...]
     mergeloom weave ties --pretrained P.safetensors --experts A.safetensors B.safetensors \\
-        --lambdas 0.05:1.0:0.05 --pool mean --out W.safetensors [--no-collaborative] [--seed 0]
+        --lambdas 0.05:1.0:0.05 --pool mean --out W.safetensors [--set k=0.2 ...] \\
+        [--pool-set NAME=VALUE ...] [--no-collaborative] [--seed 0]
+
+Exit status: 0 done, 2 bad input, 1 any other failure (one ``mergeloom: error:`` line).
 """
 
 from __future__ import annotations
@@ -57,6 +60,22 @@ def check_hyperparameters(name: str, given: Sequence[str]) -> None:
     unknown = [g for g in given if g not in allowed]
     if unknown:
         raise ValueError(f"{name} has no hyperparameter {unknown}; it takes: {', '.join(allowed)}")
+
+
+def check_pool_hyperparameters(pool: str, given: Sequence[str]) -> None:
+    """--pool-set names: only a method used as the pool takes them, and never lam (fixed)."""
+    if not given:
+        return
+    if pool not in POOLS and pool not in methods.METHODS:
+        return  # weave's get_pool names the unknown pool
+    if pool in POOLS:
+        raise ValueError(
+            f"--pool-set {list(given)}: pool {pool!r} takes no hyperparameters "
+            "(--pool-set applies when --pool is a method name; the random pool's seed is --seed)"
+        )
+    if "lam" in given:
+        raise ValueError(f"--pool-set lam: a pool's lam is fixed (pool {pool!r})")
+    check_hyperparameters(pool, given)
 
 
 def _describe(name: str) -> str:
@@ -127,11 +146,14 @@ def run(args: argparse.Namespace) -> str:
     }
     if args.command == "merge":
         if args.lam is not None:
+            if "lam" in hyperparameters:
+                raise ValueError("lam given twice: use either --lam or --set lam=...")
             hyperparameters["lam"] = args.lam
         delta = methods.get(args.method)(task_vectors, **hyperparameters)
     else:
         lambdas = parse_lambdas(args.lambdas)
         pool_hp = parse_assignments(args.pool_set, "--pool-set")
+        check_pool_hyperparameters(args.pool, list(pool_hp))
         delta = weave(
             args.method,
             task_vectors,
@@ -139,8 +161,8 @@ def run(args: argparse.Namespace) -> str:
             args.pool,
             collaborative=args.collaborative,
             seed=args.seed,
+            hyperparameters=hyperparameters,
             pool_hyperparameters=pool_hp,
-            **hyperparameters,
         )
         record.update(
             lambdas=lambdas,
@@ -156,13 +178,28 @@ def run(args: argparse.Namespace) -> str:
     return f"wrote {args.out} ({len(merged)} tensors)"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input (ValueError, argparse), 1 on any other failure.
+
+    Failures print one line ``mergeloom: error: ...`` to stderr, never a traceback; an
+    unexpected one names its exception type.
+    """
     args = build_parser().parse_args(argv)
     try:
         print(run(args))
     except ValueError as err:
-        print(f"mergeloom: error: {err}", file=sys.stderr)
+        print(f"mergeloom: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mergeloom: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI boundary: one line, not a traceback
+        print(f"mergeloom: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

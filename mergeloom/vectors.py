@@ -124,6 +124,8 @@ def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         if not 0 < length <= size - 8:
             raise ValueError(f"header length {length} does not fit a file of {size} bytes")
         header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, expected an object")
     metadata = header.pop("__metadata__", None) or {}
     for key, entry in header.items():
         start, end = entry["data_offsets"]

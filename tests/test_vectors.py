@@ -102,6 +102,10 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}garbage")
     with pytest.raises(ValueError, match="cannot read safetensors file .*bad.safetensors"):
         vectors.SafetensorsFile(bad)
+    text = b'"a json string, not an object"'  # valid JSON of the wrong kind
+    bad.write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(ValueError, match="header is a JSON str, expected an object"):
+        vectors.SafetensorsFile(bad)
 
 
 def test_nan_names_file_and_key(tmp_path):

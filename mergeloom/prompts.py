@@ -1,13 +1,25 @@
 """Class names the dataset files do not carry, and prompt templates for every benchmark dataset.
 
-Templates are short lists in the spirit of CLIP's per-dataset prompts (written for this project):
-each is a format string with one ``{}`` for the class name. Class names come from the dataset
-object wherever torchvision provides them (CIFAR-100 keeps its underscores, algorithms.md §7
-trap 24); the lists here cover the datasets whose files hold only label indices, and readable
-names for datasets whose classes are folder identifiers (EuroSAT).
+Templates are the Task Arithmetic protocol's per-dataset lists (OpenAI CLIP's prompt engineering,
+extended by the TALL-masks benchmark to 20 datasets), read from the pinned ``fusion-bench``
+package, which ships them as one small module per dataset under
+``fusion_bench/tasks/clip_classification/`` (docs/methods.md#multitask). Each list is turned into
+format strings with one ``{}`` for the class name. Only the ``domains`` entry (this project's
+leave-one-domain-out tasks, no benchmark list exists) is written for this project.
+
+``fusion-bench`` is installed with ``--no-deps``: its package ``__init__`` imports Lightning,
+Hydra, transformers and HF datasets, so the template files are located through the installed
+distribution's file list and executed on their own, without importing the package.
+
+Class names come from the dataset object wherever torchvision provides them (CIFAR-100 keeps its
+underscores, docs/methods.md#class-names); the lists here cover the datasets whose files hold only
+label indices, and readable names for datasets whose classes are folder identifiers (EuroSAT).
 """
 
 from __future__ import annotations
+
+from importlib import metadata, util
+from pathlib import Path
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -67,41 +79,67 @@ EUROSAT = {
     "SeaLake": "sea or lake",
 }
 
-_OBJECT = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a close-up photo of a {}.",
-    "a photo of the small {}.",
-    "a photo of the large {}.",
-    "a low-resolution photo of a {}.",
-)
-_DIGIT = ('a photo of the number "{}".', "an image of the digit {}.")
+# Dataset name (mergeloom.datasets.SOURCES) -> template module under TEMPLATE_DIR.
+FUSION_BENCH_MODULES: dict[str, str] = {
+    "Cars": "stanford_cars",
+    "DTD": "dtd",
+    "EuroSAT": "eurosat",
+    "GTSRB": "gtsrb",
+    "MNIST": "mnist",
+    "RESISC45": "resisc45",
+    "SUN397": "sun397",
+    "SVHN": "svhn",
+    "CIFAR10": "cifar10",
+    "CIFAR100": "cifar100",
+    "STL10": "stl10",
+    "Flowers102": "flower102",
+    "OxfordIIITPet": "oxford_iiit_pet",
+    "PCAM": "pcam",
+    "FER2013": "fer2013",
+    "Food101": "food101",
+    "FashionMNIST": "fashion_mnist",
+    "RenderedSST2": "rendered_sst2",
+    "EMNIST": "emnist_mnist",
+    "KMNIST": "kmnist",
+}
+TEMPLATE_PACKAGE = "fusion-bench"
+TEMPLATE_DIR = "fusion_bench/tasks/clip_classification"
+
+
+def benchmark_templates(module: str) -> tuple[str, ...]:
+    """The ``templates`` list of one fusion-bench template module, as ``{}`` format strings.
+
+    The module file is executed on its own (it only defines lists), so none of fusion-bench's
+    dependencies are needed. Each template is a callable ``c -> str``; rendering it with ``"{}"``
+    gives the format string, checked to hold that one placeholder and no other brace.
+
+    Raises:
+        ImportError: fusion-bench is not installed or lacks the module.
+        ValueError: A template does not render to a format string with exactly one ``{}``.
+    """
+    try:
+        dist = metadata.distribution(TEMPLATE_PACKAGE)
+    except metadata.PackageNotFoundError as err:
+        raise ImportError(
+            f"the zero-shot templates come from {TEMPLATE_PACKAGE!r}; install the version pinned "
+            f"in requirements.lock with `pip install --no-deps {TEMPLATE_PACKAGE}==<pin>`"
+        ) from err
+    path = Path(str(dist.locate_file(f"{TEMPLATE_DIR}/{module}.py")))
+    if not path.is_file():
+        raise ImportError(f"{TEMPLATE_PACKAGE} {dist.version} has no template module {path}")
+    spec = util.spec_from_file_location(f"_mergeloom_templates_{module}", path)
+    assert spec is not None and spec.loader is not None
+    namespace = util.module_from_spec(spec)
+    spec.loader.exec_module(namespace)
+    out = tuple(t("{}") if callable(t) else str(t) for t in namespace.templates)
+    bad = [t for t in out if t.count("{}") != 1 or t.count("{") != 1 or t.count("}") != 1]
+    if not out or bad:
+        raise ValueError(f"{path}: templates must render to one '{{}}' each, got {bad or out}")
+    return out
+
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Cars": ("a photo of a {}, a type of car.", "a photo of my {}.", "a {} parked outside.",
-             "a photo of the {}, a car.", "a close-up photo of a {} car."),
-    "DTD": ("a photo of a {} texture.", "a photo of a {} surface.", "a close-up of a {} pattern.",
-            "a {} textured material."),
-    "EuroSAT": ("a satellite photo of {}.", "a centered satellite image of {}.",
-                "an aerial view of {}."),
-    "GTSRB": ('a traffic sign meaning "{}".', 'a photo of a "{}" road sign.',
-              'a zoomed-in photo of a "{}" traffic sign.'),
-    "MNIST": _DIGIT,
-    "RESISC45": ("a satellite photo of a {}.", "aerial imagery of a {}.",
-                 "a remote sensing image of the {}."),
-    "SUN397": ("a photo of a {}.", "a photo of the {}, a type of place.", "a scene showing a {}."),
-    "SVHN": ('a photo of the house number "{}".', "a street number {} on a wall."),
-    "CIFAR10": _OBJECT,
-    "CIFAR100": _OBJECT,
-    "STL10": ("a photo of a {}.", "a photo of the {}.", "a cropped photo of a {}."),
-    "Flowers102": ("a photo of a {}, a type of flower.", "a close-up of a {} in bloom."),
-    "OxfordIIITPet": ("a photo of a {}, a type of pet.", "a photo of my {}."),
-    "PCAM": ("a histopathology slide of {}.", "a microscope image showing {}."),
-    "FER2013": ("a photo of a {} face.", "a person looking {}.", "a face with a {} expression."),
-    "Food101": ("a photo of {}, a type of food.", "a plate of {}."),
-    "FashionMNIST": ("a photo of a {}.", "a grayscale picture of a {}, an item of clothing."),
-    "RenderedSST2": ("a {} review of a movie.", "a sentence with a {} sentiment."),
-    "EMNIST": _DIGIT,
-    "KMNIST": ('a handwritten hiragana character "{}".', 'the kuzushiji character "{}".'),
-    "domains": ("a photo of a {}.", "an image of a {}.", "a picture of the {}."),
-}  # fmt: skip
+    name: benchmark_templates(module) for name, module in FUSION_BENCH_MODULES.items()
+}
+# Project-written (no benchmark list): the leave-one-domain-out tasks of mergeloom.datasets.
+TEMPLATES["domains"] = ("a photo of a {}.", "an image of a {}.", "a picture of the {}.")

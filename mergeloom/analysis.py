@@ -1,4 +1,6 @@
-"""Task-vector correlation and redundancy measures (algorithms.md §5), streamed one key at a time.
+"""Task-vector correlation and redundancy measures, streamed one key at a time.
+
+Definitions: docs/methods.md#analysis.
 
 Inputs are task vectors as mappings key -> tensor (lazy on disk or in memory) with equal keys and
 shapes; nothing holds more than one key of every task at once, so eight ViT-L-sized vectors fit
@@ -194,7 +196,7 @@ def singular_task_interference(
 
     Takes the batched thin SVD (T, m, r), (T, r), (T, r, n) of the T tasks' matrices.
     U = [U_1 | ... | U_T] concatenates each task's top d = max(1, r // T) left singular vectors
-    by columns (TSV-M's allocation; algorithms.md §5.10 documents why not FusionBench's row
+    by columns (TSV-M's allocation; docs/methods.md#sti documents why not FusionBench's row
     concatenation), V likewise, S = blockdiag(S_1, ..., S_T). Orthogonal task subspaces give 0.
     """
     t, m, r = u.shape
@@ -424,7 +426,7 @@ def correlation(task_vectors: Sequence[TensorMap]) -> dict:
 
 def describe(task_vectors: Sequence[TensorMap], *, topk: Sequence[float] = (0.05, 0.1, 0.2),
              energy_top: Sequence[float] = (0.01, 0.05, 0.1)) -> dict:  # fmt: skip
-    """Every measure of algorithms.md §5 items 1-10 for one set of task vectors.
+    """Every measure of docs/methods.md#analysis for one set of task vectors.
 
     With a single task only norms and spectra are defined; the pairwise entries are left out and
     ``note`` says so.

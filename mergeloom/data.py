@@ -3,7 +3,7 @@
 ``sklearn.datasets.load_digits`` ships 1797 grayscale handwritten digits (values 0..16, ink is
 high) inside the wheel, so the whole pipeline can run on real images with no download. From one
 stratified train/val/test split of those images this module builds the tasks of the three
-evaluation setups of algorithms.md section 4:
+evaluation setups of docs/methods.md (#multitask, #continual, #domains):
 
 * multi-task (4.1): eight tasks that differ by image transform or by label space (MULTITASK);
 * continual class-incremental (4.2): contiguous chunks of a class order, labels remapped per
@@ -273,7 +273,9 @@ def multitask_tasks(
 def continual_tasks(
     class_order: Sequence[int], n_tasks: int, *, image_size: int = 16, splits: Splits, seed: int = 0
 ) -> list[Task]:
-    """Class-incremental tasks ``split{t}`` as in MagMax (algorithms.md 4.2), on plain digits.
+    """Class-incremental tasks ``split{t}`` as in MagMax, on plain digits.
+
+    Protocol: docs/methods.md#continual.
 
     Task t holds the classes class_order[10t/n : 10(t+1)/n] (floored, then sorted); each split
     keeps only those classes, with labels remapped to 0..|C_t|-1 in sorted class order, so

@@ -7,7 +7,7 @@ splits serve the train and val transforms. Nothing is downloaded unless ``downlo
 (torchvision's own download); a missing dataset fails at once with its name, the path looked at,
 the layout expected and how to fetch it.
 
-Splits follow algorithms.md §4.1: ``test`` is the official test split; ``val`` is a seeded
+Splits follow docs/methods.md#validation: ``test`` is the official test split; ``val`` is a seeded
 held-out fraction of the official train split (10 %, at most 5000 images, drawn as
 ``torch.utils.data.random_split`` with generator seed 0 draws it, as Task Arithmetic's registry
 does) and ``train`` is the rest, so validation never touches test (§7 trap 21). Datasets without
@@ -15,7 +15,8 @@ an official test split in torchvision (EuroSAT 10 %, SUN397 50 %, RESISC45 20 %,
 domains 20 %) get a seeded test holdout first (``Source.holdout_test``). These are not the
 published split files of Task Arithmetic (SUN397 partition 1, torchgeo's RESISC45 lists, the
 EuroSAT split of TA's data preparation), so their accuracies are comparable with each other,
-not image for image with published numbers (algorithms.md §7 trap 20: recompute denominators).
+not image for image with published numbers (recompute denominators:
+docs/methods.md#normalized-accuracy).
 
 Continual (§4.2): ``cifar100_class_splits(n)`` cuts MagMax's fixed CIFAR-100 class order into n
 class-incremental tasks; ``class_subset`` keeps a task's classes and remaps labels to the sorted
@@ -40,7 +41,7 @@ from mergeloom import prompts
 from mergeloom.tasks import Relabeled, Task, class_subset, labels_of, leave_one_out  # noqa: F401
 
 # MagMax's CIFAR-100 class order (``default_class_order`` in danielm1405/magmax
-# src/datasets/cifar100.py, also in algorithms.md §4.2); split t of n takes
+# src/datasets/cifar100.py, also in docs/methods.md#continual); split t of n takes
 # order[100t/n : 100(t+1)/n] (MagMax floors 100/n*t, equal for n dividing 100), sorted.
 MAGMAX_CIFAR100_ORDER = (
     70, 89, 11, 13, 63, 53, 86, 57, 41, 43, 14, 98, 52, 73, 95, 96, 33, 16, 39, 74, 25, 88, 35, 28,
@@ -63,7 +64,7 @@ class Source:
     build: Build
     layout: str  # expected layout under root, for the error message
     classnames: Callable[[Dataset], Sequence[str]] = lambda ds: ds.classes
-    epochs: int = 1  # fine-tuning epochs of the protocol (algorithms.md §4.1)
+    epochs: int = 1  # fine-tuning epochs of the protocol (docs/methods.md#validation)
     holdout_test: float = 0.0  # > 0: no official test split, hold out this seeded fraction
 
 
@@ -289,7 +290,7 @@ def load_task(
     )
 
 
-# ---------------------------------------------------------------- continual (algorithms.md §4.2)
+# ------------------------------------------------------- continual (docs/methods.md#continual)
 
 
 def cifar100_class_splits(
@@ -307,7 +308,7 @@ def cifar100_class_splits(
     return [sorted(order[100 * t // n_tasks : 100 * (t + 1) // n_tasks]) for t in range(n_tasks)]
 
 
-# ---------------------------------------------------------------- domains (algorithms.md §4.3)
+# ---------------------------------------------------------------- domains (docs/methods.md#domains)
 
 
 @functools.cache

@@ -84,7 +84,7 @@ def transforms(model: open_clip.CLIP) -> tuple[ImageTransform, ImageTransform]:
 
     For PIL images, train is open_clip_train's RandomResizedCrop (scale 0.9-1.0, bicubic) and
     val resizes and centre-crops. For tensor images both only standardise, and refuse a size
-    other than the model's. Evaluation always uses val (algorithms.md §7 trap 19).
+    other than the model's. Evaluation always uses val (docs/methods.md#validation).
     """
     cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(model)))
     size = (cfg.size, cfg.size) if isinstance(cfg.size, int) else tuple(cfg.size)

@@ -1,4 +1,6 @@
-"""Evaluation protocols (algorithms.md 4): what is merged, and where the merge is evaluated.
+"""Evaluation protocols: what is merged, and where the merge is evaluated.
+
+See docs/methods.md#multitask, #continual and #domains.
 
 A *problem* is one merge: which task vectors go in, and the evaluation sets (head + val/test
 images) on which the merged image encoder is scored. The three setups differ only in their

@@ -1,10 +1,11 @@
 """The three evaluation setups in one place: their units of experts, their tasks, their problems.
 
-A *setup* (algorithms.md §4) is multitask, continual or domains; its config names where the data
-comes from (``dataset``: the embedded ``digits``, written by the data stage as safetensors task
-files, or real datasets read from a datasets root) and which tasks it has. A *unit* is one set of
-experts that is merged and evaluated: every setup has its individually fine-tuned unit, and the
-continual setup also the sequential chain (each split starts from the previous split's expert).
+A *setup* (docs/methods.md#multitask, #continual, #domains) is multitask, continual or domains; its
+config names where the data comes from (``dataset``: the embedded ``digits``, written by the data
+stage as safetensors task files, or real datasets read from a datasets root) and which tasks it
+has. A *unit* is one set of experts that is merged and evaluated: every setup has its individually
+fine-tuned unit, and the continual setup also the sequential chain (each split starts from the
+previous split's expert).
 
 The same functions serve the embedded default and the real-scale presets: only the task loader
 differs (``load_tasks``), the problems are built from ``mergeloom.protocol`` either way.

@@ -1,7 +1,7 @@
 """Training loops: contrastive pretraining of a CLIP, and fine-tuning of its image tower.
 
 ``finetune`` is the one fine-tuning loop, for in-memory digits and benchmark datasets on disk
-alike. It follows the Task Arithmetic recipe (algorithms.md §4.1): AdamW, linear warm-up then
+alike. It follows the Task Arithmetic recipe (docs/methods.md#multitask): AdamW, linear warm-up then
 cosine decay to 0, gradient-norm clipping at 1.0, frozen zero-shot head, only ``model.visual``
 trains. Batches come from ``loops.StepBatches`` (step s's images and augmentation seeds are a
 function of ``seed`` and s alone), so a run is reproducible bit for bit on the CPU, whatever the
@@ -38,7 +38,7 @@ def cosine_schedule(step: int, *, total: int, warmup: int) -> float:
 
     Warm-up rises as ``(step + 1) / warmup``, as in Task Arithmetic's ``cosine_lr``. A warm-up
     longer than training is kept as the reference code has it: the rate never leaves warm-up and
-    peaks at ``total / warmup`` (algorithms.md §7 trap 17); ``finetune`` logs a warning then.
+    peaks at ``total / warmup`` (docs/methods.md#continual); ``finetune`` logs a warning then.
 
     Raises:
         ValueError: ``total < 1`` or ``warmup < 0``.

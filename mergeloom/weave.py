@@ -9,7 +9,7 @@ A pool has the type of a merge method whose lam is fixed: mean = weight averagin
 random = random mixing, max_abs = MagMax, all at lam 1, and any registered method can pool.
 Candidates are lazy mappings, so pooling reads one key of every candidate at a time:
   * lam-linear methods: D = method(lam=1) is computed once, candidate i is the view lam_i * D
-    (algorithms.md 3.5); lam-affine (CART): m + lam_i * D with m = method(lam=0);
+    (docs/methods.md#closed-form); lam-affine (CART): m + lam_i * D with m = method(lam=0);
   * any other grid: each candidate is merged once and spilled to a temporary safetensors
     file, so at most one candidate model is in memory.
 """
@@ -36,7 +36,8 @@ POOLS: dict[str, Pool] = {
     "max_abs": partial(methods.magmax, lam=1.0),
 }
 
-# Methods whose output is a sum over inputs: as a pool their scale is 1/|A*| (algorithms.md 3.3).
+# Methods whose output is a sum over inputs: as a pool their scale is 1/|A*|
+# (docs/methods.md#closed-form).
 _SUM_TYPE = frozenset({"task_arithmetic", "breadcrumbs", "consensus"})
 
 
@@ -185,6 +186,9 @@ def weave(
 
 
 def effective_lam(n_tasks: int, lambdas: Sequence[float], collaborative: bool) -> float:
-    """lam_eff of mean pooling on a lam-linear base (algorithms.md 3.5): report it beside WW."""
+    """lam_eff of mean pooling on a lam-linear base: report it beside WW.
+
+    Closed form: docs/methods.md#closed-form.
+    """
     total = len(lambdas) + (n_tasks if collaborative else 0)
     return sum(lambdas) / total

@@ -1,5 +1,5 @@
 """Contract tests over the registry plus one hand-computed example and the invariants of each
-method (algorithms.md section 8)."""
+method (docs/methods.md#tests)."""
 
 import copy
 import inspect
@@ -121,6 +121,10 @@ def test_get_unknown_lists_known():
         ("dare", {"base": "magmax"}, r"base must be one of \['task_arithmetic', 'ties'\]"),
         ("breadcrumbs", {"density": 1.5}, r"density must be in \(0.0, 1.0\], got 1.5"),
         ("breadcrumbs", {"gamma": -0.1}, r"gamma must be in \[0.0, 1.0\), got -0.1"),
+        ("breadcrumbs", {"scope": "global"}, r"scope must be one of \['row', 'tensor'\]"),
+        ("ties", {"frozen_zeros": -1}, r"ties: frozen_zeros must be an integer >= 0, got -1"),
+        ("ties", {"frozen_zeros": 3, "scope": "per_tensor"}, r"frozen_zeros needs scope='global'"),
+        ("pcb", {"frozen_zeros": 1.5}, r"pcb: frozen_zeros must be an integer >= 0, got 1.5"),
         ("pcb", {"ratio": 0.0}, r"pcb: ratio must be in \(0.0, 1.0\], got 0.0"),
         ("pcb", {"clip": 0.5}, r"pcb: clip must be in \[0.0, 0.5\), got 0.5"),
         ("iso_cts", {"common_space_fraction": 1.2}, r"common_space_fraction must be in \[0.0"),
@@ -210,6 +214,52 @@ def test_ties_zero_sum_coordinate_takes_majority_sign():
     assert negative["w"].tolist() == [-1.0, -1.5, -2.0]
 
 
+def test_ties_zero_sum_with_zero_majority_keeps_negatives():
+    # coordinate 0 sums to 0; elected signs elsewhere (+, -) sum to 0, so the majority sign is
+    # 0 too; the reference where(sign > 0, x > 0, x < 0) then keeps the negative entry -1.
+    merged = methods.ties([vec(1, 2, -3), vec(-1, 0, 0)], lam=1.0, k=1.0)
+    assert merged["w"].tolist() == [-1.0, 2.0, -3.0]
+    two_negatives = methods.ties([vec(3, 2, -3), vec(-1, 0, 0), vec(-2, 0, 0)], lam=1.0, k=1.0)
+    assert two_negatives["w"].tolist() == [-1.5, 2.0, -3.0]  # dis-mean of -1 and -2
+
+
+def test_ties_frozen_zeros_golden():
+    # d=10 real entries 1..10 plus 5 frozen zeros, k=0.2: D=15, threshold = the
+    # (15 - int(3)) = 12th smallest of the union = the 7th smallest real magnitude = 7, so
+    # 4 of the 10 real entries (40 %) survive; without the zeros the 9th smallest (9): 2 of 10.
+    tv = vec(*range(1, 11))
+    frozen = methods.ties([tv], lam=1.0, k=0.2, frozen_zeros=5)["w"].tolist()
+    assert frozen == [0.0] * 6 + [7.0, 8.0, 9.0, 10.0]
+    assert methods.ties([tv], lam=1.0, k=0.2)["w"].tolist() == [0.0] * 8 + [9.0, 10.0]
+
+
+def with_zeros(tv, n):
+    return {**tv, "frozen": torch.zeros(n)}
+
+
+@pytest.mark.parametrize("name", ["ties", "pcb"])
+@pytest.mark.parametrize("sort_below", [None, 0])
+def test_frozen_zeros_equal_literally_appended_zeros(name, sort_below, monkeypatch):
+    if sort_below is not None:  # also through the radix selection
+        monkeypatch.setattr(stats, "_SORT_BELOW", sort_below)
+    g = torch.Generator().manual_seed(3)
+    tvs = [
+        {"a": torch.randn(40, generator=g), "b": torch.randn(3, 7, generator=g)} for _ in range(3)
+    ]
+    kwargs = {"ties": {"k": 0.3}, "pcb": {"ratio": 0.3, "clip": 0.05}}[name]
+    for n in (7, 30, 200):
+        counted = METHODS[name](tvs, lam=1.0, frozen_zeros=n, **kwargs)
+        appended = METHODS[name]([with_zeros(tv, n) for tv in tvs], lam=1.0, **kwargs)
+        for key in counted:
+            torch.testing.assert_close(counted[key], appended[key], rtol=1e-6, atol=1e-7)
+        assert torch.equal(appended["frozen"], torch.zeros(n))
+    kept = METHODS[name](tvs, lam=1.0, frozen_zeros=30, **kwargs)
+    plain = METHODS[name](tvs, lam=1.0, **kwargs)
+    assert sum(int((v != 0).sum()) for v in kept.values()) > sum(
+        int((v != 0).sum()) for v in plain.values()
+    )
+
+
 def test_ties_one_task_k_one_is_task_arithmetic(task_vectors):
     close(
         methods.ties(task_vectors[:1], lam=0.7, k=1.0),
@@ -247,10 +297,32 @@ def test_dare_without_drop_is_task_arithmetic(task_vectors):
 
 
 def test_dare_ties_without_drop_is_ties(task_vectors):
+    # k = 1: both trim rules keep everything (TIES d - int(d) = 0, MergeLM int(0 d) = 0)
     close(
-        methods.dare(task_vectors, p=0.0, base="ties", lam=1.0, k=0.3),
-        methods.ties(task_vectors, lam=1.0, k=0.3),
+        methods.dare(task_vectors, p=0.0, base="ties", lam=1.0, k=1.0),
+        methods.ties(task_vectors, lam=1.0, k=1.0),
     )
+
+
+def test_dare_ties_golden_mergelm_threshold_with_ties():
+    # d=5, k=0.5, |tau| sorted 1, 1, 2, 3, 4. MergeLM (DARE-TIES): threshold = the
+    # int(5 * 0.5) = 2nd smallest = 1, so both entries tied at it are kept (all five).
+    # TIES: the (5 - int(2.5)) = 3rd smallest = 2: keeps 2, -3, 4.
+    tv = vec(1, -1, 2, -3, 4)
+    assert methods.dare([tv], p=0.0, base="ties", lam=1.0, k=0.5)["w"].tolist() == [
+        1.0,
+        -1.0,
+        2.0,
+        -3.0,
+        4.0,
+    ]
+    assert methods.ties([tv], lam=1.0, k=0.5)["w"].tolist() == [0.0, 0.0, 2.0, -3.0, 4.0]
+
+
+def test_dare_ties_zero_elected_sign_keeps_nothing():
+    # as the TIES test below, but MergeLM's disjoint merge keeps no entry where the sign is 0
+    merged = methods.dare([vec(1, 2, -3), vec(-1, 0, 0)], p=0.0, base="ties", lam=1.0, k=1.0)
+    assert merged["w"].tolist() == [0.0, 2.0, -3.0]
 
 
 def test_dare_is_unbiased_over_seeds():
@@ -280,6 +352,33 @@ def test_breadcrumbs_golden():
     assert merged["w"].tolist() == [0.0, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 
 
+def test_breadcrumbs_golden_per_row_differs_from_whole_tensor():
+    # n=4 per row, density 0.5, gamma 0.25: per row drop int(1) largest, keep int(2) of the rest
+    tv = {"w": torch.tensor([[1.0, 2, 3, 4], [10, 20, 30, 40]])}
+    row = methods.breadcrumbs([tv], lam=1.0, density=0.5, gamma=0.25)
+    assert row["w"].tolist() == [[0.0, 2, 3, 0], [0, 20, 30, 0]]
+    # whole tensor (n=8): drop the 2 largest (30, 40) and the 2 smallest (1, 2)
+    tensor = methods.breadcrumbs([tv], lam=1.0, density=0.5, gamma=0.25, scope="tensor")
+    assert tensor["w"].tolist() == [[0.0, 0, 3, 4], [10, 20, 0, 0]]
+
+
+def test_breadcrumbs_golden_int_counts():
+    # n=5, density 0.7: the authors keep int(3.5) = 3 entries (round would keep 4)
+    merged = methods.breadcrumbs([vec(1, 2, 3, 4, 5)], lam=1.0, density=0.7, gamma=0.0)
+    assert merged["w"].tolist() == [0.0, 0, 3, 4, 5]
+    by_tensor = methods.breadcrumbs(
+        [vec(1, 2, 3, 4, 5)], lam=1.0, density=0.7, gamma=0.0, scope="tensor"
+    )
+    assert by_tensor["w"].tolist() == [0.0, 2, 3, 4, 5]
+
+
+def test_breadcrumbs_leaves_0d_tensors_alone():
+    tvs = [{"s": torch.tensor(2.5)}, {"s": torch.tensor(-1.0)}]
+    assert methods.breadcrumbs(tvs, lam=1.0)["s"].item() == 1.5  # not masked: 2.5 - 1
+    # the whole-tensor variant ranks the single entry into the dropped bottom band
+    assert methods.breadcrumbs(tvs, lam=1.0, scope="tensor")["s"].item() == 0.0
+
+
 def test_breadcrumbs_full_density_is_task_arithmetic(task_vectors):
     close(
         methods.breadcrumbs(task_vectors, lam=0.3, density=1.0, gamma=0.0),
@@ -287,8 +386,19 @@ def test_breadcrumbs_full_density_is_task_arithmetic(task_vectors):
     )
 
 
-def test_breadcrumbs_retained_fraction_per_tensor(task_vectors):
+def test_breadcrumbs_retained_count_per_row(task_vectors):
     merged = methods.breadcrumbs(task_vectors[:1], lam=1.0, density=0.7, gamma=0.05)
+    for key, value in merged.items():
+        if value.dim() == 0:
+            assert torch.equal(value, task_vectors[0][key]), key
+            continue
+        n = value.shape[-1]
+        kept = (value != 0).sum(-1)
+        assert (kept == min(int(0.7 * n), n - int(0.05 * n))).all(), key
+
+
+def test_breadcrumbs_retained_fraction_per_tensor(task_vectors):
+    merged = methods.breadcrumbs(task_vectors[:1], lam=1.0, density=0.7, gamma=0.05, scope="tensor")
     for key, value in merged.items():
         n = value.numel()
         assert abs(int((value != 0).sum()) - 0.7 * n) <= 1, key
@@ -325,15 +435,20 @@ def test_random_mix_uses_every_task():
 
 
 def test_pcb_single_task_keeps_top_ratio():
-    # one task: balance weights are monotone in |tau|; the 0.6-quantile lies between the 3rd and
-    # 4th smallest, so the two largest magnitudes survive with weight-normalised value tau.
+    # one task: balance weights are monotone in |tau|. The drop floor is the balance weight of
+    # 0-based rank int(5 * 0.6) = 3 (|tau| = 4), which gets weight 0 itself: only -5 survives.
+    # (The interpolated 0.6-quantile would sit between ranks 2 and 3 and keep 4 as well.)
     merged = methods.pcb([vec(1, -5, 3, -2, 4)], lam=1.0, ratio=0.4, clip=0.0)
-    assert merged["w"].tolist() == [0.0, -5.0, 0.0, 0.0, 4.0]
+    assert merged["w"].tolist() == [0.0, -5.0, 0.0, 0.0, 0.0]
 
 
-def test_pcb_clips_magnitudes():
-    merged = methods.pcb([vec(*range(1, 102))], lam=1.0, ratio=0.5, clip=0.01)
-    assert merged["w"].max().item() == pytest.approx(100.0)  # 99th percentile of 1..101
+def test_pcb_clip_bounds_are_ranks_golden():
+    # d=101, clip 0.01: bounds at 0-based ranks int(1.01) = 1 and int(101 * 0.99 - 1) = 98,
+    # i.e. |tau| clipped to [2, 99] (interpolated quantiles: [2, 100]). ratio 1: floor = the
+    # smallest balance weight (0, at |tau| <= 2), so 1 and 2 get weight 0.
+    merged = methods.pcb([vec(*range(1, 102))], lam=1.0, ratio=1.0, clip=0.01)
+    expected = [0.0, 0.0, *range(3, 99), 99.0, 99.0, 99.0]
+    torch.testing.assert_close(merged["w"], torch.tensor(expected, dtype=torch.float32))
 
 
 def test_pcb_no_nan_with_an_all_zero_expert(task_vectors):

@@ -1,4 +1,4 @@
-"""Weight Weaving: closed forms (algorithms.md 3.5), pools, fast path vs explicit pooling."""
+"""Weight Weaving: closed forms (docs/methods.md#closed-form), pools, fast path vs pooling."""
 
 import pytest
 import torch

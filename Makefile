@@ -8,7 +8,11 @@ BIN := $(VENV)/bin
 $(BIN)/mergeloom: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
+	grep -v '^fusion-bench==' requirements.lock > $(VENV)/requirements-deps.txt
+	$(BIN)/pip install --quiet -r $(VENV)/requirements-deps.txt
+	# fusion-bench only for its zero-shot template files (mergeloom/prompts.py): without its
+	# heavy dependencies (lightning, transformers, ...), which mergeloom never imports
+	$(BIN)/pip install --quiet --no-deps $$(grep '^fusion-bench==' requirements.lock)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

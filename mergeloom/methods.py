@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mergeloom.stats import quantiles, topk_threshold
+from mergeloom.stats import order_statistics
 from mergeloom.vectors import StateDict, TensorMap, check_compatible, shape_of
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,68 @@ def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> S
 # ---------------------------------------------------------------- sign / sparsity family
 
 
-def _disjoint_merge(trimmed: torch.Tensor, elected: torch.Tensor, merge: str) -> torch.Tensor:
+def _check_frozen_zeros(name: str, frozen_zeros: int, scope: str) -> None:
+    if isinstance(frozen_zeros, bool) or not isinstance(frozen_zeros, int) or frozen_zeros < 0:
+        raise ValueError(f"{name}: frozen_zeros must be an integer >= 0, got {frozen_zeros!r}")
+    if frozen_zeros and scope != "global":
+        raise ValueError(f"{name}: frozen_zeros needs scope='global', got scope={scope!r}")
+
+
+def _union_order_statistics(
+    chunks: Callable[[], Iterator[torch.Tensor]],
+    ranks: Sequence[Sequence[int]],
+    count: int,
+    zeros: int = 0,
+    negatives: Sequence[int] | None = None,
+) -> list[list[float]]:
+    """Values at 0-based ``ranks`` of each row as if ``zeros`` zeros were appended to it.
+
+    Rows hold ``count`` real values; ``negatives[r]`` counts the real values < 0 of row r
+    (None: none, e.g. magnitudes). In the sorted union the zeros sit right after the
+    negatives, so each rank maps to a rank of the real values or to 0.
+    """
+    negatives = negatives if negatives is not None else [0] * len(ranks)
+    real: list[list[int]] = []
+    for row_ranks, n_neg in zip(ranks, negatives, strict=True):
+        real.append(
+            [q if q < n_neg else q - zeros for q in row_ranks if not n_neg <= q < n_neg + zeros]
+        )
+    found = order_statistics(chunks, real, count=count) if any(real) else [[] for _ in ranks]
+    out = []
+    for row_ranks, n_neg, values in zip(ranks, negatives, found, strict=True):
+        it = iter(values)
+        out.append([0.0 if n_neg <= q < n_neg + zeros else next(it) for q in row_ranks])
+    return out
+
+
+def _trim_threshold(
+    magnitudes: Callable[[], Iterator[torch.Tensor]], d: int, k: float, zeros: int, rule: str
+) -> float:
+    """Magnitude threshold of one task vector (keep |tau| >= it), over d real + zeros entries.
+
+    rule "ties" (TIES code): the (D - int(D k))-th smallest of D = d + zeros magnitudes.
+    rule "mergelm" (MergeLM's TIES, used for DARE-TIES): the int(D (1 - k))-th smallest;
+    the two differ when D k is not an integer (MergeLM then keeps one entry more).
+    """
+    total = d + zeros
+    kth = total - int(total * k) if rule == "ties" else int(total * (1.0 - k))  # 1-based
+    if kth <= 0:
+        return 0.0
+    return _union_order_statistics(magnitudes, [[kth - 1]], count=d, zeros=zeros)[0][0]
+
+
+def _disjoint_merge(
+    trimmed: torch.Tensor, elected: torch.Tensor, merge: str, rule: str = "ties"
+) -> torch.Tensor:
     """TIES step 3 on a (T, ...) stack: merge the entries whose sign is the elected one.
 
-    Modifies ``trimmed`` in place (it is a scratch stack)."""
-    agrees = (trimmed * elected) > 0  # same nonzero sign
+    An elected sign of 0 (zero-sum coordinate whose majority sign is also 0) keeps the
+    negative entries under rule "ties" (the TIES code: ``where(sign > 0, x > 0, x < 0)``) and
+    none under rule "mergelm". Modifies ``trimmed`` in place (it is a scratch stack)."""
+    if rule == "ties":
+        agrees = torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    else:
+        agrees = (trimmed * elected) > 0  # same nonzero sign
     selected = trimmed.masked_fill_(~agrees, 0.0)
     if merge == "sum":
         return selected.sum(0)
@@ -192,36 +249,68 @@ def ties(
     k: float = 0.2,
     merge: str = "mean",
     scope: str = "global",
+    frozen_zeros: int = 0,
 ) -> StateDict:
     """TIES-Merging: trim to top-k magnitudes, elect signs by mass, disjoint merge.
 
     Paper: Yadav et al., 2023, arXiv:2306.01708. Scope: global (top-k and the majority sign
     used for zero-sum coordinates are taken over the whole flattened vector, as in the
-    reference code) or per-tensor on request.
+    reference code) or per-tensor on request. Threshold: the (D - int(D k))-th smallest
+    magnitude, |tau| >= it kept (ties at it keep more than k). A coordinate whose summed sign
+    is 0 gets the majority sign; if that is 0 too, its negative entries are merged (as the
+    reference code's ``where(sign > 0, x > 0, x < 0)`` does).
 
     Args:
         k: Fraction of entries kept per task vector, in (0, 1].
         merge: "mean" (dis-mean, the paper), "sum" (dis-sum) or "max" (dis-max).
         scope: "global" or "per_tensor".
+        frozen_zeros: Number of zero entries counted in the global top-k as if appended to
+            every task vector (scope "global" only). The reference code flattens the whole
+            CLIP state dict, frozen text tower included (25,599,489 zeros on ViT-B/32), so
+            its k = 0.2 keeps 25.8 % of the 87,849,216 visual entries; pass that count to
+            reproduce it. Default 0: k is the fraction of the entries actually merged, which
+            does not depend on what else the checkpoint happens to store.
     """
-    _check_lam("ties", lam)
-    _check_range("ties", "k", k, 0.0, 1.0, closed_low=False)
-    _check_choice("ties", "merge", merge, ("mean", "sum", "max"))
-    _check_choice("ties", "scope", scope, ("global", "per_tensor"))
-    keys, stack_of = _prepare(task_vectors, "ties")
+    return _ties(task_vectors, lam, k, merge, scope, frozen_zeros, rule="ties", name="ties")
+
+
+def _ties(
+    task_vectors: Sequence[TensorMap],
+    lam: float,
+    k: float,
+    merge: str,
+    scope: str,
+    frozen_zeros: int,
+    *,
+    rule: str,
+    name: str,
+) -> StateDict:
+    _check_lam(name, lam)
+    _check_range(name, "k", k, 0.0, 1.0, closed_low=False)
+    _check_choice(name, "merge", merge, ("mean", "sum", "max"))
+    _check_choice(name, "scope", scope, ("global", "per_tensor"))
+    _check_frozen_zeros(name, frozen_zeros, scope)
+    keys, stack_of = _prepare(task_vectors, name)
     merged = {}
     for group in _groups(keys, scope):
         d = _numel(task_vectors[0], group)
         thresholds = torch.tensor(
             [
-                topk_threshold(lambda tv=tv, group=group: (tv[key] for key in group), k, count=d)
+                _trim_threshold(
+                    lambda tv=tv, group=group: (tv[key].abs() for key in group),
+                    d,
+                    k,
+                    frozen_zeros,
+                    rule,
+                )
                 for tv in task_vectors
             ]
         )
         # One pass: coordinates whose summed sign is exactly 0 but hold entries wait for the
         # majority sign of the whole group (reference `resolve_zero_signs`); they are rare.
+        # Frozen zeros elect sign 0 and leave the majority unchanged.
         mass, pending = 0.0, []
-        for key in _progress(group, "ties") if scope == "global" else group:
+        for key in _progress(group, name) if scope == "global" else group:
             trimmed = _trim(stack_of(key), thresholds)  # (T, *shape)
             elected = torch.sign(trimmed.sum(0))
             mass += float(elected.sum())
@@ -229,10 +318,10 @@ def ties(
             undecided = zero[(flat[:, zero] != 0).any(0)]
             if len(undecided):
                 pending.append((key, undecided, flat[:, undecided]))
-            merged[key] = _disjoint_merge(trimmed, elected, merge) * lam
+            merged[key] = _disjoint_merge(trimmed, elected, merge, rule) * lam
         majority = torch.sign(torch.tensor(mass))
         for key, index, entries in pending:
-            merged[key].view(-1)[index] = _disjoint_merge(entries, majority, merge) * lam
+            merged[key].view(-1)[index] = _disjoint_merge(entries, majority, merge, rule) * lam
     return merged
 
 
@@ -272,7 +361,11 @@ def dare(
 
     Paper: Yu et al., 2024, "Language Models are Super Mario", arXiv:2311.03099.
     Scope: element-wise masks (per-tensor); the TIES base keeps its global top-k.
-    Masks are seeded per (seed, task, key), so results ignore key order.
+    Masks are seeded per (seed, task, key), so results ignore key order. The TIES base
+    follows the DARE authors' code (MergeLM ``ties_merging``), not the TIES code: the trim
+    threshold is the int(d (1 - k))-th smallest magnitude (|tau| >= it kept; one entry more
+    than TIES's d - int(d k) rule when d k is not an integer), and a coordinate whose elected
+    sign stays 0 keeps no entry.
 
     Args:
         p: Drop rate in [0, 1).
@@ -287,29 +380,31 @@ def dare(
     _prepare(task_vectors, "dare")
     dropped = [_Dropped(tv, p, seed, t, rescale) for t, tv in enumerate(task_vectors)]
     if base == "ties":
-        return ties(dropped, lam=lam, k=k)
+        return _ties(dropped, lam, k, "mean", "global", 0, rule="mergelm", name="dare")
     return task_arithmetic(dropped, lam=lam)
 
 
 def _rank_at_least(magnitudes: torch.Tensor, rank: int) -> torch.Tensor:
-    """Mask of entries whose rank in a stable ascending sort of ``magnitudes`` is >= ``rank``.
+    """Mask of entries whose rank in a stable ascending sort of each row (last dim) is >= rank.
 
-    Same answer as ranking with ``argsort(stable=True)``, in O(n) with one kthvalue: entries
-    tied at the cut value are ranked by position, so the kept count is exact.
+    Same answer as ranking with ``argsort(stable=True, dim=-1)``, in O(n) with one batched
+    kthvalue: entries tied at a row's cut value are ranked by position, so the kept count of
+    every row is exact.
     """
+    n = magnitudes.shape[-1]
     if rank <= 0:
         return torch.ones_like(magnitudes, dtype=torch.bool)
-    if rank >= magnitudes.numel():
+    if rank >= n:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
-    cut = magnitudes.kthvalue(rank + 1).values  # value at 0-based rank `rank`
+    cut = magnitudes.kthvalue(rank + 1, dim=-1, keepdim=True).values  # value at 0-based rank
     tied = magnitudes == cut
-    n_below = int((magnitudes < cut).sum())
+    n_below = (magnitudes < cut).sum(-1, keepdim=True)
     # tied entries take ranks n_below, n_below + 1, ... in position order
-    return (magnitudes > cut) | (tied & (tied.cumsum(0) - 1 + n_below >= rank))
+    return (magnitudes > cut) | (tied & (tied.cumsum(-1) - 1 + n_below >= rank))
 
 
 def _band_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Keep the middle band of |values| ranks: drop the top gamma and the bottom rest."""
+    """Whole-tensor band (mergekit semantics): drop the top gamma and the bottom rest."""
     n = values.numel()
     if gamma >= 1.0 - density:
         n_top, n_bottom = round((1.0 - density) * n), 0
@@ -320,30 +415,56 @@ def _band_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tens
     return keep.view(values.shape)
 
 
+def _row_band_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs authors' mask, per row over the last dim of an (..., n) tensor.
+
+    Their ``TaskVectorMiddleKeep`` (remove first): zero the int(n gamma) largest magnitudes
+    of each row, then keep the int(n density) largest of what is left; 0-D tensors are
+    returned untouched (all kept).
+    """
+    if values.dim() == 0:
+        return torch.ones_like(values, dtype=torch.bool)
+    n = values.shape[-1]
+    n_top, n_keep = int(n * gamma), int(n * density)
+    n_bottom = max(0, n - n_top - n_keep)
+    magnitudes = values.abs()
+    return _rank_at_least(magnitudes, n_bottom) & ~_rank_at_least(magnitudes, n - n_top)
+
+
 def breadcrumbs(
     task_vectors: Sequence[TensorMap],
     *,
-    lam: float = 1.0,
-    density: float = 0.9,
-    gamma: float = 0.01,
+    lam: float = 0.2,
+    density: float = 0.15,
+    gamma: float = 0.006,
+    scope: str = "row",
 ) -> StateDict:
-    """Model Breadcrumbs: drop each tensor's largest outliers and smallest entries, then sum.
+    """Model Breadcrumbs: drop each row's largest outliers and smallest entries, then sum.
 
-    Paper: Davari & Belilovsky, 2024, arXiv:2312.06795. Scope: per-tensor ranks
-    (mergekit semantics: keep ``density`` of the entries after removing the top ``gamma``).
+    Paper: Davari & Belilovsky, 2024, arXiv:2312.06795. Scope "row" (default, the authors'
+    code): per task and per row of every tensor (the last dimension), remove the int(n gamma)
+    largest magnitudes, then keep the int(n density) largest of the rest; 0-D tensors are
+    left untouched. Scope "tensor": ranks over the whole tensor with mergekit semantics
+    (``round`` counts; if gamma >= 1 - density only the top 1 - density is removed).
+    Defaults: the starting point of the authors' hyperparameter search for this method
+    (``find_best_hyperparam.py``, middle_keep: alpha 0.2, beta 0.15, gamma 0.006; searched
+    ranges alpha 0.01-1, beta 0.05-0.20, gamma 0.001-0.01).
 
     Args:
-        density: Fraction of entries kept per tensor, in (0, 1].
+        density: Fraction of entries kept per row (tensor), in (0, 1] (the authors' beta).
         gamma: Fraction of largest magnitudes removed, in [0, 1).
+        scope: "row" (the authors) or "tensor".
     """
     _check_lam("breadcrumbs", lam)
     _check_range("breadcrumbs", "density", density, 0.0, 1.0, closed_low=False)
     _check_range("breadcrumbs", "gamma", gamma, 0.0, 1.0, closed_low=True, closed_high=False)
+    _check_choice("breadcrumbs", "scope", scope, ("row", "tensor"))
+    mask_of = _row_band_mask if scope == "row" else _band_mask
     merged = {}
     keys, stack_of = _prepare(task_vectors, "breadcrumbs")
     for key in _progress(keys, "breadcrumbs"):
         stack = stack_of(key)
-        masks = torch.stack([_band_mask(tv, density, gamma) for tv in stack])
+        masks = torch.stack([mask_of(tv, density, gamma) for tv in stack])
         merged[key] = (stack * masks).sum(0) * lam
     return merged
 
@@ -422,34 +543,48 @@ def pcb(
     ratio: float = 0.05,
     clip: float = 0.01,
     scope: str = "global",
+    frozen_zeros: int = 0,
 ) -> StateDict:
     """PCB-Merging: intra- and inter-task balancing weights, keep the top ratio, weighted mean.
 
     Paper: Du et al., 2024, "Parameter Competition Balancing for Model Merging",
-    arXiv:2410.02396. Scope: global (quantiles and min-max over each whole flattened task
+    arXiv:2410.02396. Scope: global (bounds and min-max over each whole flattened task
     vector, as the vision code) or per-tensor. Inter term: sum_j tanh(s_i * s_j) (ES script).
+    Bounds are order statistics of the D entries of a row, as in the authors' ``clamp``:
+    magnitudes are clipped to the values of 0-based ranks int(D clip) and
+    int(D (1 - clip) - 1), and balance weights below the value of rank int(D (1 - ratio))
+    get weight 0 (the entry at that rank too), the top one weight 1.
 
     Args:
         ratio: Fraction of entries kept per task, in (0, 1].
-        clip: Magnitudes are clipped to their [clip, 1 - clip] quantiles, clip in [0, 0.5).
+        clip: Fraction of magnitudes clipped at each end, in [0, 0.5).
         scope: "global" or "per_tensor".
+        frozen_zeros: Number of zero entries counted in the global statistics as if appended
+            to every task vector (scope "global" only); see ``ties``. The authors' vision code
+            flattens the whole CLIP state dict, frozen text tower included (25,599,489 zeros
+            on ViT-B/32); pass that count to reproduce it. Default 0: the statistics cover
+            the merged entries only.
     """
     _check_lam("pcb", lam)
     _check_range("pcb", "ratio", ratio, 0.0, 1.0, closed_low=False)
     _check_range("pcb", "clip", clip, 0.0, 0.5, closed_low=True, closed_high=False)
     _check_choice("pcb", "scope", scope, ("global", "per_tensor"))
+    _check_frozen_zeros("pcb", frozen_zeros, scope)
     keys, stack_of = _prepare(task_vectors, "pcb")
     n_tasks = len(task_vectors)
     merged = {}
     for group in _groups(keys, scope):
         d = _numel(task_vectors[0], group)
-        bounds = torch.cat(
+        total = d + frozen_zeros
+        clip_ranks = [int(total * clip), int(total * (1 - clip) - 1)]
+        bounds = torch.tensor(
             [
-                quantiles(
+                _union_order_statistics(
                     lambda tv=tv, group=group: (tv[key].abs() for key in group),
-                    [clip, 1 - clip],
+                    [clip_ranks],
                     count=d,
-                )
+                    zeros=frozen_zeros,
+                )[0]
                 for tv in task_vectors
             ]
         )  # (T, 2)
@@ -467,7 +602,19 @@ def pcb(
         def betas(group=group) -> Iterator[torch.Tensor]:
             return (balance(stack_of(key))[0] for key in group)
 
-        cut = quantiles(betas, [1 - ratio, 1.0], rows=n_tasks, count=d)  # (T, 2)
+        # frozen zeros have |tau| = 0, hence norm 0, inter 0 and balance weight exactly 0
+        negatives = None
+        if frozen_zeros:
+            negatives = [int(n) for n in sum((b < 0).sum(1) for b in betas()).tolist()]
+        cut = torch.tensor(
+            _union_order_statistics(
+                betas,
+                [[int(total * (1 - ratio)), total - 1]] * n_tasks,
+                count=d,
+                zeros=frozen_zeros,
+                negatives=negatives,
+            )
+        )  # (T, 2)
         floor, top = cut[:, :1], cut[:, 1:]
         for key in _progress(group, "pcb") if scope == "global" else group:
             stack = stack_of(key)
@@ -620,7 +767,7 @@ METHODS: dict[str, Method] = {
     )
 }
 
-# How the merged delta depends on lam (algorithms.md 3.5): Weight Weaving's fast path.
+# How the merged delta depends on lam (docs/methods.md): Weight Weaving's fast path.
 LAMBDA_AFFINE = frozenset({"cart"})
 LAMBDA_LINEAR = frozenset(set(METHODS) - LAMBDA_AFFINE)
 

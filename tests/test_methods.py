@@ -226,11 +226,12 @@ def test_ties_zero_sum_with_zero_majority_keeps_negatives():
 def test_ties_frozen_zeros_golden():
     # d=10 real entries 1..10 plus 5 frozen zeros, k=0.2: D=15, threshold = the
     # (15 - int(3)) = 12th smallest of the union = the 7th smallest real magnitude = 7, so
-    # 4 of the 10 real entries (40 %) survive; without the zeros the 9th smallest (9): 2 of 10.
+    # 4 of the 10 real entries (40 %) survive; without the zeros the (10 - int(2)) = 8th
+    # smallest (8): 3 of 10.
     tv = vec(*range(1, 11))
     frozen = methods.ties([tv], lam=1.0, k=0.2, frozen_zeros=5)["w"].tolist()
     assert frozen == [0.0] * 6 + [7.0, 8.0, 9.0, 10.0]
-    assert methods.ties([tv], lam=1.0, k=0.2)["w"].tolist() == [0.0] * 8 + [9.0, 10.0]
+    assert methods.ties([tv], lam=1.0, k=0.2)["w"].tolist() == [0.0] * 7 + [8.0, 9.0, 10.0]
 
 
 def with_zeros(tv, n):
@@ -363,13 +364,14 @@ def test_breadcrumbs_golden_per_row_differs_from_whole_tensor():
 
 
 def test_breadcrumbs_golden_int_counts():
-    # n=5, density 0.7: the authors keep int(3.5) = 3 entries (round would keep 4)
-    merged = methods.breadcrumbs([vec(1, 2, 3, 4, 5)], lam=1.0, density=0.7, gamma=0.0)
-    assert merged["w"].tolist() == [0.0, 0, 3, 4, 5]
+    # n=5, density 0.5: the authors keep int(2.5) = 2 entries; the whole-tensor variant drops
+    # round(2.5) = 2 from the bottom and keeps 3
+    merged = methods.breadcrumbs([vec(1, 2, 3, 4, 5)], lam=1.0, density=0.5, gamma=0.0)
+    assert merged["w"].tolist() == [0.0, 0, 0, 4, 5]
     by_tensor = methods.breadcrumbs(
-        [vec(1, 2, 3, 4, 5)], lam=1.0, density=0.7, gamma=0.0, scope="tensor"
+        [vec(1, 2, 3, 4, 5)], lam=1.0, density=0.5, gamma=0.0, scope="tensor"
     )
-    assert by_tensor["w"].tolist() == [0.0, 2, 3, 4, 5]
+    assert by_tensor["w"].tolist() == [0.0, 0, 3, 4, 5]
 
 
 def test_breadcrumbs_leaves_0d_tensors_alone():

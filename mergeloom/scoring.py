@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from mergeloom import clip, evaluate, loops, vectors
-from mergeloom.protocol import EvalSet
+from mergeloom import clip, evaluate, loops, setups, vectors
+from mergeloom.protocol import EvalSet, Problem
 from mergeloom.setups import in_memory
 
 Score = Callable[..., dict[str, dict[str, float]]]
@@ -63,3 +63,26 @@ def scorer(
                               splits=tuple(splits))  # fmt: skip
 
     return score
+
+
+def for_units(
+    params: Mapping,
+    runtime: Mapping,
+    *,
+    pretrained: str | Path,
+    pretrained_visual: str | Path,
+    data_dir: Path,
+    heads_dir: Path,
+) -> tuple[dict[str, list[Problem]], Score]:
+    """(unit -> merge problems, scorer): what the baseline, merge and weave stages start from.
+
+    ``params`` holds the model, data and setups sections; ``runtime`` the runtime settings
+    (device, eval_batch_size, num_workers, datasets_root).
+    """
+    by_unit = setups.unit_problems(params["setups"], params["data"], data_dir=data_dir,
+                                   heads_dir=heads_dir,
+                                   datasets_root=runtime["datasets_root"])  # fmt: skip
+    score = scorer(params["model"]["name"], pretrained, pretrained_visual,
+                   device=runtime["device"], batch_size=runtime["eval_batch_size"],
+                   num_workers=runtime["num_workers"])  # fmt: skip
+    return by_unit, score

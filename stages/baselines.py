@@ -21,20 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = common.load_params("model", "data", "setups")
     rt = common.runtime()
-    by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
-                                   heads_dir=args.heads_dir,
-                                   datasets_root=rt["datasets_root"])  # fmt: skip
-    score = scoring.scorer(p["model"]["name"], args.pretrained, args.pretrained_visual,
-                           device=rt["device"], batch_size=rt["eval_batch_size"],
-                           num_workers=rt["num_workers"])  # fmt: skip
+    by_unit, score = scoring.for_units(
+        p, rt, pretrained=args.pretrained, pretrained_visual=args.pretrained_visual,
+        data_dir=args.data_dir, heads_dir=args.heads_dir,
+    )  # fmt: skip
+    units = setups.units(p["setups"])
     zero_shot, results = {}, {}
     for unit, problems in by_unit.items():
         sets = protocol.eval_sets_of(problems)
-        setup = setups.units(p["setups"])[unit].setup
+        setup = units[unit].setup
         if setup not in zero_shot:  # the same model on the same sets for both continual units
             zero_shot[setup] = score(sets, delta={})
-        experts = {t: args.experts_dir / unit / f"{t}.safetensors"
-                   for t in setups.units(p["setups"])[unit].tasks}  # fmt: skip
+        experts = {t: args.experts_dir / unit / f"{t}.safetensors" for t in units[unit].tasks}
         results[unit] = {"zeroshot": zero_shot[setup],
                          "experts": {t: score(sets, visual=vectors.load(e))
                                      for t, e in experts.items()}}  # fmt: skip

@@ -13,7 +13,7 @@ One woven update is held at a time: built, written into the model, scored on tes
 import argparse
 from pathlib import Path
 
-from mergeloom import methods, scoring, setups, vectors, weave
+from mergeloom import methods, scoring, vectors, weave
 from stages import common
 
 
@@ -38,12 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             raise ValueError(f"params.yaml: {key}: {err}") from None
     rt = common.runtime()
-    by_unit = setups.unit_problems(p["setups"], p["data"], data_dir=args.data_dir,
-                                   heads_dir=args.heads_dir,
-                                   datasets_root=rt["datasets_root"])  # fmt: skip
-    score = scoring.scorer(p["model"]["name"], args.pretrained, args.pretrained_visual,
-                           device=rt["device"], batch_size=rt["eval_batch_size"],
-                           num_workers=rt["num_workers"])  # fmt: skip
+    by_unit, score = scoring.for_units(
+        p, rt, pretrained=args.pretrained, pretrained_visual=args.pretrained_visual,
+        data_dir=args.data_dir, heads_dir=args.heads_dir,
+    )  # fmt: skip
     results: dict = {}
     for unit, problems in by_unit.items():
         for problem in problems:

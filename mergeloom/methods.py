@@ -76,9 +76,10 @@ def _check_range(
     closed_low: bool,
     closed_high: bool = True,
 ) -> None:
-    ok_low = value >= low if closed_low else value > low
-    ok_high = value <= high if closed_high else value < high
-    if not (isinstance(value, (int, float)) and ok_low and ok_high and math.isfinite(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok_low = number and (value >= low if closed_low else value > low)
+    ok_high = number and (value <= high if closed_high else value < high)
+    if not (ok_low and ok_high and math.isfinite(value)):
         interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
         raise ValueError(f"{name}: {param} must be in {interval}, got {value!r}")
 
@@ -91,6 +92,16 @@ def _check_choice(name: str, param: str, value: object, allowed: Sequence[str]) 
 def _check_lam(name: str, lam: float) -> None:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise ValueError(f"{name}: lam must be a finite number, got {lam!r}")
+
+
+def _check_int(name: str, param: str, value: object, minimum: int | None = None) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (minimum is not None and value < minimum)
+    ):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name}: {param} must be an integer{bound}, got {value!r}")
 
 
 def key_seed(seed: int, *parts: object) -> int:
@@ -167,8 +178,7 @@ def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> S
 
 
 def _check_frozen_zeros(name: str, frozen_zeros: int, scope: str) -> None:
-    if isinstance(frozen_zeros, bool) or not isinstance(frozen_zeros, int) or frozen_zeros < 0:
-        raise ValueError(f"{name}: frozen_zeros must be an integer >= 0, got {frozen_zeros!r}")
+    _check_int(name, "frozen_zeros", frozen_zeros, 0)
     if frozen_zeros and scope != "global":
         raise ValueError(f"{name}: frozen_zeros needs scope='global', got scope={scope!r}")
 
@@ -377,6 +387,9 @@ def dare(
     _check_lam("dare", lam)
     _check_range("dare", "p", p, 0.0, 1.0, closed_low=True, closed_high=False)
     _check_choice("dare", "base", base, ("task_arithmetic", "ties"))
+    _check_range("dare", "k", k, 0.0, 1.0, closed_low=False)
+    _check_int("dare", "seed", seed)
+    _check_choice("dare", "rescale", rescale, (True, False))
     _prepare(task_vectors, "dare")
     dropped = [_Dropped(tv, p, seed, t, rescale) for t, tv in enumerate(task_vectors)]
     if base == "ties":
@@ -500,6 +513,7 @@ def random_mix(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, seed: int
         seed: Selection seed.
     """
     _check_lam("random_mix", lam)
+    _check_int("random_mix", "seed", seed)
     merged = {}
     keys, stack_of = _prepare(task_vectors, "random_mix")
     for key in _progress(keys, "random_mix"):
@@ -524,8 +538,7 @@ def consensus(
     """
     _check_lam("consensus", lam)
     _check_range("consensus", "tall_lambda", tall_lambda, 0.0, math.inf, closed_low=True)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"consensus: k must be an integer >= 0, got {k!r}")
+    _check_int("consensus", "k", k, 0)
     merged = {}
     keys, stack_of = _prepare(task_vectors, "consensus")
     for key in _progress(keys, "consensus"):
@@ -779,9 +792,48 @@ def get(name: str) -> Method:
 
 
 def check_hyperparameters(name: str, hyperparameters: Mapping[str, object] | None) -> None:
-    """Raise ValueError unless ``name`` is a method that takes these keyword arguments: a
-    misspelt key fails before any tensor is read, not minutes into a merge."""
+    """Raise ValueError unless ``name`` is a method that accepts these keyword arguments and
+    values, so a bad value fails before any tensor is read, not minutes into a merge.
+
+    The values are checked by the method itself, run on a one-task, two-key problem of zeros:
+    the same range and type checks as a real merge, and no second copy of them to drift.
+    """
+    method = get(name)
+    hyperparameters = dict(hyperparameters or {})
     try:
-        inspect.signature(get(name)).bind([], **dict(hyperparameters or {}))
+        inspect.signature(method).bind([], **hyperparameters)
     except TypeError as err:
         raise ValueError(f"{name}: {err}") from None
+    probe = [{"probe.weight": torch.zeros(2, 2), "probe.bias": torch.zeros(2)}]
+    try:
+        method(probe, **hyperparameters)
+    except ValueError:
+        raise
+    except (TypeError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"{name}: invalid hyperparameters {hyperparameters}: {err}") from None
+
+
+# A lambda is a scaling factor of task vectors: 0 leaves the pretrained model, 1 adds them
+# whole. Beyond LAM_MAX float32 weights degrade or overflow; more than MAX_LAMBDAS values is
+# a typo (a step of 1e-9), not a search space.
+LAM_MAX = 100.0
+MAX_LAMBDAS = 1000
+
+
+def check_lambdas(values: object, what: str = "lambdas") -> list[float]:
+    """A lambda sweep or search space as floats, or ValueError naming the first bad value."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{what} = {values!r}: expected a non-empty list of numbers")
+    if len(values) > MAX_LAMBDAS:
+        raise ValueError(f"{what} has {len(values)} values; expected at most {MAX_LAMBDAS}")
+    for value in values:
+        check_lam(value, what)
+    return [float(v) for v in values]
+
+
+def check_lam(value: object, what: str = "lam") -> float:
+    """One lambda: a finite number in [0, LAM_MAX]."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and 0 <= value <= LAM_MAX):
+        raise ValueError(f"{what}: {value!r} is invalid; expected a number in [0, {LAM_MAX:g}]")
+    return float(value)

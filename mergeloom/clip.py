@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from mergeloom.vectors import check_finite
+
 StateDict = dict[str, torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 _MAX_LISTED = 5
@@ -212,7 +214,7 @@ def load_image_encoder_update(
 
     Raises:
         ValueError: ``delta`` has keys the image tower lacks, ``pretrained`` lacks one of its
-            keys, or a shape differs (each named).
+            keys, a shape differs, or a merged weight is NaN/Inf (each named).
     """
     current = {k: v for k, v in model.visual.state_dict().items() if v.is_floating_point()}
     unexpected = sorted(set(delta) - set(current))
@@ -232,6 +234,7 @@ def load_image_encoder_update(
                     f"the model expects {tuple(dst.shape)}"
                 )
             dst.copy_(base.float() + delta[key] if key in delta else base)
+            check_finite(dst, key, "theta_0 + update")  # a diverged merge is not scored
 
 
 def drop_text_tower(model: open_clip.CLIP) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from mergeloom import vectors
+from mergeloom import vectors, yamlio
 
 PARAMS = Path("params.yaml")
 SHAPE_PREFIX = "# pipeline shape: "
@@ -98,7 +98,7 @@ SCHEMA: dict[str, dict[str, _Rule]] = {
                           and all(h is None or _mapping(h) for h in v.values()),
                           "a non-empty mapping method name -> keyword arguments")},
     "sweep": {"lambdas": (_numbers, "a non-empty list of numbers")},
-    "weave": {"methods": (_names(0), "a list of distinct method names (may be empty)"),
+    "weave": {"methods": (_names(1), "a non-empty list of distinct method names"),
               "pools": (_names(1), "a non-empty list of distinct pool names"),
               "lambdas": (_numbers, "a non-empty list of numbers"),
               "collaborative": (lambda v: isinstance(v, bool), "true or false"),
@@ -125,7 +125,14 @@ OPTIONAL = {"finetune.steps", "finetune.epochs", "continual.class_order"}
 
 
 def _fail(key: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"params.yaml: {key} = {value!r} is invalid; expected {allowed}")
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = " (it is quoted, so YAML reads a string: remove the quotes)"
+        except ValueError:
+            pass
+    return ValueError(f"params.yaml: {key} = {value!r} is invalid; expected {allowed}{hint}")
 
 
 def _check_section(name: str, node: object, rules: Mapping[str, _Rule], prefix: str) -> None:
@@ -171,7 +178,7 @@ def check_params(params: Mapping, sections: Sequence[str]) -> None:
 
 def read_params(path: Path = PARAMS) -> dict:
     try:
-        params = yaml.safe_load(Path(path).read_text())
+        params = yamlio.load(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"params file not found: {path}") from None
     except yaml.YAMLError as err:
@@ -219,6 +226,46 @@ def check_pipeline(params: Mapping, dvc_yaml: Path = Path("dvc.yaml")) -> None:
         )
 
 
+# ---------------------------------------------------------------- user paths vs outputs
+
+
+def pipeline_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """Every path a stage of ``dvc_yaml`` writes (outs, metrics, plots), resolved. A templated
+    path (models/experts/multitask/${item}.safetensors) stands for its folder: DVC replaces or
+    deletes what is there when that stage runs."""
+    if not dvc_yaml.exists():
+        return []
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    paths = []
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+                if "${" in path:
+                    path = path[: path.index("${")].rpartition("/")[0] or "."
+                paths.append((dvc_yaml.parent / path).resolve())
+    return sorted(set(paths))
+
+
+def check_outside_outputs(
+    path: str | os.PathLike, what: str, dvc_yaml: Path = Path("dvc.yaml")
+) -> None:
+    """Refuse a user path (datasets, weights) that lies inside a DVC output or contains one:
+    `dvc repro` deletes a stage's outputs before running it and `dvc checkout` restores them
+    from the cache, so a user's files there would be lost."""
+    user, outputs = Path(path).resolve(), pipeline_outputs(dvc_yaml)
+    for out in outputs:
+        if user == out or out in user.parents or user in out.parents:
+            tops = sorted({os.path.relpath(o, dvc_yaml.parent.resolve()).split(os.sep)[0]
+                           for o in outputs})  # fmt: skip
+            raise ValueError(
+                f"{what} = {str(path)!r} overlaps the DVC output {os.path.relpath(out)} (DVC "
+                "deletes and restores outputs when their stage runs, so files there could be "
+                f"lost): use a path that neither lies inside nor contains {', '.join(tops)}"
+            )
+
+
 # ---------------------------------------------------------------- runtime settings
 
 RUNTIME_ENV = {
@@ -261,6 +308,7 @@ def runtime() -> dict:
             raise ValueError(f"{RUNTIME_ENV[key]} = {raw!r} is invalid; expected an integer "
                              f">= {0 if key == 'num_workers' else 1}")  # fmt: skip
         out[key] = value
+    check_outside_outputs(out["datasets_root"], RUNTIME_ENV["datasets_root"])
     return out
 
 
@@ -279,6 +327,10 @@ def _atomic_text(path: Path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_text(Path(path), lambda f: f.write(text))
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="captioned images (when training)")
     args = parser.parse_args(argv)
     m = common.load_params("model")["model"]
+    for key in ("name", "pretrained"):  # a user's file DVC could delete is refused
+        if m[key] and Path(m[key]).exists():
+            common.check_outside_outputs(m[key], f"model.{key}")
     trained = m["pretrained"] is None
     cfg = common.load_params("pretrain")["pretrain"] if trained else None
     if trained and args.data is None:

@@ -1,5 +1,7 @@
 """params files, dvc.yaml files and the stage wiring agree with the library, running nothing."""
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,7 @@ def test_no_module_every_stage_imports_holds_the_method_or_pool_names():
         "mergeloom/vectors.py",
         "mergeloom/tasks.py",
         "mergeloom/__init__.py",
+        "mergeloom/yamlio.py",
         "stages/__init__.py",
     }, every
 
@@ -87,6 +90,24 @@ def test_imports_are_followed_through_library_modules():
          "params.yaml: merge.methods.sudoku: unknown method 'sudoku'"),
         (lambda p: p["weave"].update(methods=["magmax", "magmax"]),
          "params.yaml: weave.methods = ['magmax', 'magmax'] is invalid"),
+        (lambda p: p["weave"].update(methods=[]), "params.yaml: weave.methods = [] is invalid"),
+        (lambda p: p["merge"]["methods"].update(ties={"k": 0}),
+         "params.yaml: merge.methods.ties: k must be in (0.0, 1.0], got 0"),
+        (lambda p: p["merge"]["methods"].update(ties={"k": "abc"}),
+         "params.yaml: merge.methods.ties: k must be in (0.0, 1.0], got 'abc'"),
+        (lambda p: p["merge"]["methods"].update(task_arithmetic={"lam": 1e39}),
+         "params.yaml: merge.methods.task_arithmetic.lam: 1e+39 is invalid; expected a number "
+         "in [0, 100]"),
+        (lambda p: p["sweep"].update(lambdas=[0.5, -0.5]),
+         "params.yaml: sweep.lambdas: -0.5 is invalid; expected a number in [0, 100]"),
+        (lambda p: p["weave"].update(lambdas=[1e39, 1.0]), "params.yaml: weave.lambdas: 1e+39"),
+        (lambda p: p["weave"].update(lambdas=[0.001 * i for i in range(1001)]),
+         "params.yaml: weave.lambdas has 1001 values; expected at most 1000"),
+        (lambda p: p["weave"].update(pool_hyperparameters={"ties": {"k": 2}}),
+         "params.yaml: weave.pool_hyperparameters.ties: k must be in (0.0, 1.0], got 2"),
+        (lambda p: p.update(model="ViT-B-32"), "params.yaml: model = 'ViT-B-32' is invalid"),
+        (lambda p: p.update(setups=5), "params.yaml: setups = 5 is invalid"),
+        (lambda p: p["finetune"].update(lr=[]), "params.yaml: finetune.lr = [] is invalid"),
     ],
 )  # fmt: skip
 def test_bad_params_name_the_key_the_value_and_what_is_allowed(edit, message):
@@ -118,3 +139,62 @@ def test_default_datasets_root_is_outside_every_dvc_output(monkeypatch):
             for out in stage.get("do", stage).get("outs", []):
                 path = (folder / (out if isinstance(out, str) else next(iter(out)))).resolve()
                 assert root not in (path, *path.parents) and path not in root.parents
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path):
+    """YAML 1.2, like DVC: `lr: 1e-3` is a number (PyYAML alone reads the string '1e-3')."""
+    text = (ROOT / "params.yaml").read_text().replace("  lr: ", "  lr: 1e-3 #", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    params = common.read_params(tmp_path / "params.yaml")
+    assert 0.001 in (params["finetune"]["lr"], params["pretrain"]["lr"])
+    pipeline.validate(params)
+
+
+def _make_pipeline(folder: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`make pipeline PIPELINE=folder`, as a user runs it before `dvc repro`."""
+    full = {**os.environ, **(env or {})}
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "pipeline", f"PIPELINE={folder}"],
+                          env=full, capture_output=True, text=True)  # fmt: skip
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {name: [unclosed\n", "params.yaml is not valid YAML"),
+        ("model: ViT-B-32\n", "params.yaml: model = 'ViT-B-32' is invalid"),
+        ("- a list\n", "expected a mapping of sections, got list"),
+    ],
+)
+def test_make_pipeline_names_a_broken_params_file_in_one_line(tmp_path, text, message):
+    (tmp_path / "params.yaml").write_text(text)
+    assert message in _one_line_error(_make_pipeline(tmp_path))
+    assert not (tmp_path / "dvc.yaml").exists()
+
+
+@pytest.mark.parametrize("where", ["data/user_datasets", "models/heads", "."])
+def test_make_pipeline_refuses_datasets_inside_or_around_an_output(tmp_path, where):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    user = (tmp_path / where).resolve()
+    user.mkdir(parents=True, exist_ok=True)
+    (user / "mine.txt").write_text("a dataset DVC must not delete")
+    line = _one_line_error(_make_pipeline(tmp_path, {"MERGELOOM_DATASETS": str(user)}))
+    assert f"MERGELOOM_DATASETS = {str(user)!r} overlaps the DVC output" in line
+    assert (user / "mine.txt").read_text() == "a dataset DVC must not delete"
+
+
+def test_published_weights_inside_an_output_are_refused(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["pretrained"] = "models/pretrained.safetensors"  # the pretrain stage's out
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/pretrained.safetensors").write_bytes(b"weights of the user")
+    line = _one_line_error(_make_pipeline(tmp_path))
+    assert "model.pretrained" in line and "overlaps the DVC output" in line

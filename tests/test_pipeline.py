@@ -95,7 +95,7 @@ def repo(built) -> Path:
 def test_full_repro_runs_every_stage_and_writes_metrics(built):
     repo, first = built
     stages = ran(first)
-    assert {"data", "pretrain", "heads", "task_vectors", "baselines", "report",
+    assert {"check", "data", "pretrain", "heads", "task_vectors", "baselines", "report",
             "finetune_multitask@digits", "finetune_multitask@rotated", "finetune_continual@split0",
             "finetune_continual@split1", "finetune_domains@rotated",
             "finetune_sequential@split0", "finetune_sequential@split1", "finetune_domains@plain",
@@ -234,6 +234,60 @@ def test_bad_params_fail_before_any_work(repo, key, value, stage, message):
     assert message in output, output
     assert "Traceback" not in output  # a clear one-line error, not a crash
     assert expert.stat().st_mtime_ns == before
+
+
+KEPT = [
+    "metrics/merge/ties.json",
+    "metrics/summary.json",
+    "metrics/baselines.json",
+    "data/multitask/digits.safetensors",
+    "models/pretrained.safetensors",
+    "dvc.lock",
+]
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    return {name: (repo / name).read_bytes() for name in KEPT}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("merge.methods.ties.k", 0, "merge.methods.ties: k must be in (0.0, 1.0], got 0"),
+        ("sweep.lambdas", [0.5, -1.0], "sweep.lambdas: -1.0 is invalid"),
+        ("weave.lambdas", [1.0e39], "weave.lambdas: 1e+39 is invalid"),
+        ("weave.methods", [], "weave.methods = [] is invalid"),
+        ("finetune.learning_rate", 0.001, "unknown key finetune.learning_rate"),
+        ("evaluation", {"batch_size": 8}, "unknown section 'evaluation'"),
+    ],
+)  # fmt: skip
+def test_dvc_repro_checks_params_before_deleting_any_output(repo, key, value, message):
+    """DVC deletes a stage's outputs before running it: the check stage runs first and fails,
+    so a bad value leaves every output, git-tracked metrics included, and dvc.lock as they were."""
+    before = snapshot(repo)
+    set_param(repo, key, value)
+    result = dvc(repo, "repro", check=False)
+    assert ran(result) == {"check"}, result
+    assert message in result and "Traceback" not in result, result
+    assert snapshot(repo) == before
+
+
+def test_a_datasets_root_inside_an_output_is_refused_and_kept(repo):
+    """MERGELOOM_DATASETS inside `data/`: the check stage (params changed) and every stage that
+    reads datasets refuse it, and the user's files survive."""
+    user = repo / "data" / "user_datasets"
+    user.mkdir()
+    (user / "cars.txt").write_text("a dataset whose upstream link is dead")
+    env = {"MERGELOOM_DATASETS": str(user)}
+    try:
+        set_param(repo, "merge.methods.ties.k", 0.1)
+        result = dvc(repo, "repro", check=False, env=env)
+        assert ran(result) == {"check"} and "overlaps the DVC output data" in result, result
+        result = dvc(repo, "repro", "-s", "-f", "heads", check=False, env=env)
+        assert "MERGELOOM_DATASETS" in result and "overlaps the DVC output data" in result
+        assert (user / "cars.txt").read_text() == "a dataset whose upstream link is dead"
+    finally:
+        shutil.rmtree(user)
 
 
 def test_exp_run_over_a_task_list_needs_no_new_dvc_yaml(repo):

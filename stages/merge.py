@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         methods.check_hyperparameters(args.method, hp)
     except ValueError as err:
         raise ValueError(f"params.yaml: merge.methods.{err}") from None
+    methods.check_lambdas(p["sweep"]["lambdas"], "params.yaml: sweep.lambdas")
     method = methods.get(args.method)
     rt = common.runtime()
     by_unit, score = scoring.for_units(

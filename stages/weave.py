@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             methods.check_hyperparameters(name, h)
         except ValueError as err:
             raise ValueError(f"params.yaml: {key}: {err}") from None
+    methods.check_lambdas(cfg["lambdas"], "params.yaml: weave.lambdas")
     rt = common.runtime()
     by_unit, score = scoring.for_units(
         p, rt, pretrained=args.pretrained, pretrained_visual=args.pretrained_visual,

@@ -78,7 +78,7 @@ def test_a_preset_shaped_pipeline_runs_every_stage_and_reruns_only_what_changed(
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "preset")
     stages = ran(dvc(folder, "repro", env=env))
-    assert stages == {"pretrain", "heads", "finetune_multitask@MNIST",
+    assert stages == {"check", "pretrain", "heads", "finetune_multitask@MNIST",
                       "finetune_multitask@RESISC45", "finetune_continual@split0",
                       "finetune_continual@split1", "finetune_sequential@split0",
                       "finetune_sequential@split1", "task_vectors", "baselines",

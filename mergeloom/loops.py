@@ -18,13 +18,15 @@ share lives here:
   so that batches can be sliced from it directly instead of item by item.
 * Resume checkpoints (image tower, optimizer, step, global RNG state, and a fingerprint of the
   run's settings), written atomically (temporary file, then rename) and loaded with
-  ``torch.load(weights_only=True)``.
+  ``torch.load(weights_only=True)``. An unusable one (truncated, corrupt, malformed) is named
+  in a warning and deleted, and the run starts afresh.
 
 On CUDA the forward runs under bf16 autocast and batches come from pinned memory.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -228,27 +230,129 @@ def save_checkpoint(path: Path, state: Mapping) -> None:
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    """The checkpoint at ``path`` (tensors and plain containers only), or None if absent."""
+    """The checkpoint at ``path`` (tensors and plain containers only), or None if absent.
+
+    Raises whatever ``torch.load`` raises for a file it cannot read (truncated, not a torch
+    file, or holding objects other than tensors and plain containers): ``_resume`` turns that
+    into a warning and a fresh start.
+    """
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+class _BadCheckpoint(ValueError):
+    """A resume checkpoint of this run whose content cannot be resumed from."""
+
+
+def _reason(exc: BaseException) -> str:
+    """Why, in one short line: the exception's type and its message's first sentence."""
+    text = " ".join(str(exc).split()).split(". ")[0]
+    if len(text) > 200:
+        text = text[:197] + "..."
+    if isinstance(exc, _BadCheckpoint):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _discard(path: Path, why: str) -> int:
+    """Name an unusable checkpoint and why in one warning, delete it (so that no later run
+    trips on it either), and return step 0: the run starts afresh."""
+    logger.warning(
+        "unusable resume checkpoint %s (%s): deleting it and training this expert from step 0",
+        path,
+        why,
+    )
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # the next periodic checkpoint replaces it
+        logger.warning("could not delete resume checkpoint %s (%s)", path, _reason(exc))
+    return 0
+
+
+def _check_rng(state, like: torch.Tensor, what: str) -> None:
+    if not (
+        isinstance(state, torch.Tensor) and state.dtype == like.dtype and state.shape == like.shape
+    ):
+        raise _BadCheckpoint(f"{what!r} is not a generator state like this machine's")
+
+
+def _apply(ckpt: dict, model, optimizer) -> int:
+    """Load a checkpoint of this run into model, optimizer and the RNGs; its step.
+
+    Everything that can be checked is checked first, and the optimizer is put back if its
+    state or the image tower does not load, so on ``_BadCheckpoint`` (or any error from
+    loading) model, optimizer and RNGs are as they were.
+    """
+    missing = [key for key in ("step", "visual", "optimizer", "rng") if key not in ckpt]
+    if missing:
+        raise _BadCheckpoint(f"missing keys {missing}")
+    step, visual, state = ckpt["step"], ckpt["visual"], ckpt["optimizer"]
+    if type(step) is not int or step < 0:
+        raise _BadCheckpoint(f"step {step!r} is not a non-negative int")
+    if not isinstance(visual, Mapping) or not all(
+        isinstance(v, torch.Tensor) and v.is_floating_point() for v in visual.values()
+    ):
+        raise _BadCheckpoint("'visual' is not a map of float tensors")
+    if not isinstance(state, Mapping):
+        raise _BadCheckpoint("'optimizer' is not an optimizer state")
+    _check_rng(ckpt["rng"], torch.get_rng_state(), "rng")
+    cuda_rng = ckpt.get("cuda_rng") or []
+    if torch.cuda.is_available():
+        if not isinstance(cuda_rng, (list, tuple)):
+            raise _BadCheckpoint("'cuda_rng' is not a list of generator states")
+        cuda_rng = cuda_rng[: torch.cuda.device_count()]
+        for i, device_state in enumerate(cuda_rng):
+            _check_rng(device_state, torch.cuda.get_rng_state(i), "cuda_rng")
+    before = copy.deepcopy(optimizer.state_dict())
+    try:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                        raise _BadCheckpoint(
+                            f"optimizer state {key!r} has shape {tuple(value.shape)}, "
+                            f"its parameter {tuple(p.shape)}"
+                        )
+        load_image_encoder(model, visual)  # checks every key and shape before copying
+    except BaseException:
+        optimizer.load_state_dict(before)
+        raise
+    torch.set_rng_state(ckpt["rng"])
+    if cuda_rng:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return step
+
+
 def _resume(path: Path | None, fingerprint: str, model, optimizer) -> int:
-    """Load a matching checkpoint into model and optimizer; the step to continue from."""
-    ckpt = load_checkpoint(path) if path is not None else None
+    """Load a matching checkpoint into model and optimizer; the step to continue from.
+
+    0 without a checkpoint; 0 with a warning for a checkpoint of another run (it is left
+    alone: the next periodic checkpoint replaces it). An unusable one (unreadable, truncated,
+    not a weights-only torch file, keys missing, a bad step, a state that does not load) is
+    named with the reason in one warning and deleted, and the run starts afresh from step 0
+    with model and optimizer untouched, exactly as without it.
+    """
+    if path is None:
+        return 0
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as exc:  # never weights_only=False: a bad file is dropped, not trusted
+        return _discard(path, f"torch.load failed: {_reason(exc)}")
     if ckpt is None:
         return 0
-    if ckpt.get("fingerprint") != fingerprint:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("fingerprint"), str):
+        return _discard(path, "not a resume checkpoint: no fingerprint")
+    if ckpt["fingerprint"] != fingerprint:
         logger.warning("ignoring resume checkpoint %s: it belongs to another run", path)
         return 0
-    load_image_encoder(model, ckpt["visual"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    if torch.cuda.is_available() and ckpt.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    logger.info("resuming from %s at step %d", path, ckpt["step"])
-    return int(ckpt["step"])
+    try:
+        step = _apply(ckpt, model, optimizer)
+    except Exception as exc:
+        return _discard(path, _reason(exc))
+    logger.info("resuming from %s at step %d", path, step)
+    return step
 
 
 def _save_resume(path: Path, fingerprint: str, step: int, model, optimizer) -> None:

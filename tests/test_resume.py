@@ -1,6 +1,8 @@
 """Resumable fine-tuning: a run killed with SIGKILL and restarted ends bit-identical (CPU)."""
 
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from fake_data import write_image_folder
 from safetensors.torch import load_file
 
 from mergeloom import loops, train
+from mergeloom.clip import image_encoder_state
 
 ROOT = Path(__file__).parents[1]
 STEPS, EVERY = 12, 2
@@ -114,13 +117,16 @@ def test_augmentation_depends_on_the_sample_seed_only():
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
 
 
-def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_path, tiny_clip):
+def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(
+    tmp_path, tiny_clip, caplog
+):
     ckpt = tmp_path / "resume" / "c.pt"
     loops.save_checkpoint(ckpt, {"fingerprint": "someone else", "step": 5, "x": torch.ones(2)})
     assert loops.load_checkpoint(ckpt)["step"] == 5  # torch.load(weights_only=True) reads it
     assert [p.name for p in ckpt.parent.iterdir()] == ["c.pt"]  # no temporary file left
     data = torch.utils.data.TensorDataset(torch.zeros(6, 3, 16, 16), torch.arange(6) % 2)
     steps = []
+    caplog.set_level(logging.WARNING, logger=loops.logger.name)
     train.finetune(
         tiny_clip,
         torch.randn(8, 2),
@@ -135,9 +141,12 @@ def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_pat
         device="cpu",
         checkpoint=ckpt,
         checkpoint_every=1,
-        log=lambda step, values: steps.append(step),
+        log=lambda step, values: steps.append((step, ckpt.exists())),
     )
-    assert steps == [0, 1]  # started from scratch, not from step 5
+    assert steps == [(0, True), (1, True)]  # from scratch, not from step 5; the file was kept
+    assert [r.getMessage() for r in caplog.records if r.name == loops.logger.name] == [
+        f"ignoring resume checkpoint {ckpt}: it belongs to another run"
+    ]
     assert not ckpt.exists()
     with pytest.raises(ValueError, match="checkpoint_every and num_workers must be >= 0"):
         train.finetune(
@@ -154,6 +163,164 @@ def test_checkpoint_of_another_run_is_ignored_and_files_are_weights_only(tmp_pat
             device="cpu",
             checkpoint_every=-1,
         )
+
+
+def _short_run(model, start, data, ckpt, log=None):
+    """A 4-step fine-tuning from ``start`` with a resume checkpoint after every step."""
+    model.load_state_dict(start)
+    return train.finetune(
+        model,
+        data.head,
+        data,
+        transform=lambda x: x,
+        steps=4,
+        batch_size=3,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_steps=1,
+        seed=0,
+        device="cpu",
+        checkpoint=ckpt,
+        checkpoint_every=1,
+        log=log,
+    )
+
+
+class _Boom:
+    """Unpickling this would create a file: weights_only must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _truncated(valid: bytes, tmp: Path) -> bytes:
+    return valid[: len(valid) // 2]
+
+
+def _random_bytes(valid: bytes, tmp: Path) -> bytes:
+    return random.Random(0).randbytes(len(valid))
+
+
+def _edited(edit):
+    """A valid torch file: the real step-2 checkpoint with ``edit`` applied to its dict."""
+
+    def make(valid: bytes, tmp: Path) -> bytes:
+        (tmp / "edit.pt").write_bytes(valid)
+        ckpt = torch.load(tmp / "edit.pt", weights_only=True)
+        edit(ckpt, tmp)
+        torch.save(ckpt, tmp / "edit.pt")
+        return (tmp / "edit.pt").read_bytes()
+
+    return make
+
+
+def _wrong_visual_shape(ckpt, tmp):
+    ckpt["visual"]["conv1.weight"] = ckpt["visual"]["conv1.weight"][:-1]
+
+
+def _optimizer_of_fewer_params(ckpt, tmp):
+    group = ckpt["optimizer"]["param_groups"][0]
+    group["params"] = group["params"][:-1]
+
+
+# (bytes written at the checkpoint path from a real step-2 checkpoint, what the warning says).
+# Those that keep the step-2 weights but break elsewhere catch a half-applied checkpoint: the
+# result would then differ from the uninterrupted run's. (A wrong-shaped optimizer state is
+# checked through _resume alone below: fused AdamW aborts the process on one.)
+BAD_CHECKPOINTS = {
+    "truncated": (_truncated, "(torch.load failed: "),
+    "random-bytes": (_random_bytes, "(torch.load failed: "),
+    "empty": (lambda valid, tmp: b"", "(torch.load failed: EOFError)"),
+    "missing-step": (_edited(lambda c, t: c.pop("step")), "missing keys ['step']"),
+    "missing-visual": (_edited(lambda c, t: c.pop("visual")), "missing keys ['visual']"),
+    "missing-optimizer": (_edited(lambda c, t: c.pop("optimizer")), "missing keys ['optimizer']"),
+    "negative-step": (_edited(lambda c, t: c.update(step=-2)), "step -2 is not a non-negative"),
+    "float-step": (_edited(lambda c, t: c.update(step=2.0)), "step 2.0 is not a non-negative"),
+    "no-fingerprint": (_edited(lambda c, t: c.pop("fingerprint")), "no fingerprint"),
+    "wrong-visual-shape": (_edited(_wrong_visual_shape), "'conv1.weight' has shape"),
+    "optimizer-of-fewer-params": (
+        _edited(_optimizer_of_fewer_params),
+        "ValueError: loaded state dict",
+    ),
+    "bad-rng": (_edited(lambda c, t: c.update(rng=torch.zeros(3))), "'rng' is not a generator"),
+    "pickled-object": (
+        _edited(lambda c, t: c.update(step=_Boom(t / "unpickled"))),
+        "(torch.load failed: UnpicklingError: Weights only load failed):",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_unusable_checkpoint_is_named_deleted_and_the_run_starts_afresh(
+    case, tmp_path, tiny_clip, caplog
+):
+    """A truncated, corrupt or malformed resume checkpoint (here made from a real one) gives
+    one warning naming the file and why, is deleted before the first step, and the run ends
+    bit-identical to an uninterrupted one."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.rand(7, 3, 16, 16, generator=g), torch.arange(7) % 2
+    )
+    data.head = torch.randn(8, 2, generator=g)
+    start = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    ckpt = tmp_path / "resume" / "expert.pt"
+
+    valid = {}
+
+    def keep(step, values):  # at step s's log the file holds the checkpoint after s steps
+        if step == 2:
+            valid["step-2"] = ckpt.read_bytes()
+
+    reference = _short_run(tiny_clip, start, data, ckpt, log=keep)
+    assert loops.load_checkpoint(ckpt) is None  # removed after the finish
+    (tmp_path / "valid.pt").write_bytes(valid["step-2"])
+    assert loops.load_checkpoint(tmp_path / "valid.pt")["step"] == 2  # a real checkpoint
+
+    make, why = BAD_CHECKPOINTS[case]
+    ckpt.write_bytes(make(valid["step-2"], tmp_path))
+    steps = []
+    caplog.set_level(logging.WARNING, logger=loops.logger.name)
+    got = _short_run(
+        tiny_clip, start, data, ckpt, log=lambda step, v: steps.append((step, ckpt.exists()))
+    )
+    assert steps == [(0, False), (1, True), (2, True), (3, True)]  # afresh; the bad file gone
+    warnings = [r for r in caplog.records if r.name == loops.logger.name]
+    assert [r.levelno for r in warnings] == [logging.WARNING]
+    message = warnings[0].getMessage()
+    assert message.startswith(f"unusable resume checkpoint {ckpt} (")
+    assert message.endswith("): deleting it and training this expert from step 0")
+    assert why in message and "\n" not in message
+    assert not (tmp_path / "unpickled").exists()
+    assert not ckpt.exists()
+    assert reference.keys() == got.keys()
+    assert all(torch.equal(reference[k], got[k]) for k in reference)
+
+
+def test_unusable_checkpoint_leaves_model_and_optimizer_untouched(tmp_path, tiny_clip):
+    """A checkpoint whose image tower loads but whose optimizer state does not: nothing of it
+    stays in the model or the optimizer."""
+    ckpt = tmp_path / "c.pt"
+    params = list(tiny_clip.visual.parameters())
+    fresh = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    state = fresh.state_dict()
+    visual = {k: v + 1 for k, v in image_encoder_state(tiny_clip).items()}
+    optimizer = {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": state["param_groups"]}
+    optimizer["state"][0].update(exp_avg=torch.zeros(1, 2), exp_avg_sq=torch.zeros(1, 2))
+    rng = torch.get_rng_state()
+    torch.save(
+        {"fingerprint": "f", "step": 2, "visual": visual, "optimizer": optimizer, "rng": rng}, ckpt
+    )
+    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    torch.manual_seed(5)
+    rng_before = torch.get_rng_state()
+    assert loops._resume(ckpt, "f", tiny_clip, fresh) == 0
+    assert not ckpt.exists()
+    assert all(torch.equal(before[k], v) for k, v in tiny_clip.state_dict().items())
+    assert fresh.state_dict() == state and not fresh.state
+    assert torch.equal(torch.get_rng_state(), rng_before)
 
 
 def test_worker_processes_do_not_change_the_weights(tmp_path, tiny_clip):

@@ -7,41 +7,74 @@
         --lambdas 0.05:1.0:0.05 --pool mean --out W.safetensors [--set k=0.2 ...] \\
         [--pool-set NAME=VALUE ...] [--no-collaborative] [--seed 0]
 
-Exit status: 0 done, 2 bad input, 1 any other failure (one ``mergeloom: error:`` line).
+Exit status: 0 done, 2 bad input, 1 any other failure (one ``mergeloom: error:`` line). Every
+option and input header is checked before any tensor is read; --out never replaces an input or
+a non-file, and a failed run leaves no file behind (an existing --out is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
+import math
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 import yaml
 
 from mergeloom import methods, vectors
-from mergeloom.weave import POOLS, effective_lam, weave
+from mergeloom.weave import POOLS, effective_lam, get_pool, weave
 
 
 def parse_lambdas(text: str) -> list[float]:
-    """'start:stop:step' (stop included) or a comma list, e.g. '0.05:1.0:0.05' -> 20 values."""
+    """'start:stop:step' (stop included) or a comma list, e.g. '0.05:1.0:0.05' -> 20 values;
+    each a finite number in [0, LAM_MAX] and at most MAX_LAMBDAS of them."""
+    what = f"--lambdas {text!r}"
+    if ":" in text:
+        values = _lambda_range(text.split(":"), what)
+    else:
+        values = _numbers([part for part in text.split(",") if part.strip()], what)
+    return methods.check_lambdas(values, what)
+
+
+def _lambda_usage(what: str) -> ValueError:
+    return ValueError(
+        f"{what}: expected start:stop:step with step > 0 and start <= stop "
+        "(e.g. 0.05:1.0:0.05) or a comma list (e.g. 0.1,0.3,0.5)"
+    )
+
+
+def _numbers(parts: Sequence[str], what: str) -> list[float]:
     try:
-        if ":" in text:
-            start, stop, step = (float(part) for part in text.split(":"))
-            if step <= 0 or start > stop:
-                raise ValueError
-            count = int(round((stop - start) / step)) + 1
-            values = [round(start + i * step, 10) for i in range(count)]
-            return [v for v in values if v <= stop + 1e-9]
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in parts]
     except ValueError:
-        values = []
+        raise _lambda_usage(what) from None
     if not values:
-        raise ValueError(
-            f"--lambdas {text!r}: expected start:stop:step with step > 0 and start <= stop "
-            "(e.g. 0.05:1.0:0.05) or a comma list (e.g. 0.1,0.3,0.5)"
-        )
+        raise _lambda_usage(what)
     return values
+
+
+def _lambda_range(parts: Sequence[str], what: str) -> list[float]:
+    """The count is checked before any list is built: a step of 1e-9 would fill the memory."""
+    if len(parts) != 3:
+        raise _lambda_usage(what)
+    start, stop, step = _numbers(parts, what)
+    methods.check_lam(start, what)
+    methods.check_lam(stop, what)
+    if not (math.isfinite(step) and step > 0) or start > stop:
+        raise _lambda_usage(what)
+    span = (stop - start) / step
+    if not span < methods.MAX_LAMBDAS:  # also inf, from a step such as 1e-320
+        raise ValueError(
+            f"{what} gives {span + 1:.4g} values; expected at most {methods.MAX_LAMBDAS} "
+            "(a larger step)"
+        )
+    values = [round(start + i * step, 10) for i in range(round(span) + 1)]
+    return [v for v in values if v <= stop + 1e-9]
 
 
 def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, object]:
@@ -49,25 +82,43 @@ def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, object]:
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name:
+        if not sep or not name.strip():
             raise ValueError(f"{option} {pair!r}: expected name=value")
-        out[name.strip()] = yaml.safe_load(value)
+        try:
+            out[name.strip()] = _scalar(yaml.safe_load(value))
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not YAML"
+            raise ValueError(f"{option} {pair!r}: cannot read the value ({problem})") from None
     return out
 
 
-def check_hyperparameters(name: str, given: Sequence[str]) -> None:
+# YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _scalar(value: object) -> object:
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
+
+
+def check_hyperparameters(name: str, given: Mapping[str, object]) -> None:
+    """Names first (listing what the method takes), then values by the method's own checks,
+    so `--set k=abc` fails before any tensor is read."""
     allowed = list(inspect.signature(methods.get(name)).parameters)[1:]
     unknown = [g for g in given if g not in allowed]
     if unknown:
         raise ValueError(f"{name} has no hyperparameter {unknown}; it takes: {', '.join(allowed)}")
+    if "lam" in given:
+        methods.check_lam(given["lam"], f"{name}: lam")
+    methods.check_hyperparameters(name, given)
 
 
-def check_pool_hyperparameters(pool: str, given: Sequence[str]) -> None:
-    """--pool-set names: only a method used as the pool takes them, and never lam (fixed)."""
+def check_pool_hyperparameters(pool: str, given: Mapping[str, object]) -> None:
+    """The pool exists, and --pool-set names and values suit it: only a method used as the
+    pool takes them, and never lam (fixed)."""
+    if pool not in POOLS and pool not in methods.METHODS:
+        get_pool(pool, n_candidates=1)  # raises, naming the unknown pool and the known ones
     if not given:
         return
-    if pool not in POOLS and pool not in methods.METHODS:
-        return  # weave's get_pool names the unknown pool
     if pool in POOLS:
         raise ValueError(
             f"--pool-set {list(given)}: pool {pool!r} takes no hyperparameters "
@@ -76,6 +127,23 @@ def check_pool_hyperparameters(pool: str, given: Sequence[str]) -> None:
     if "lam" in given:
         raise ValueError(f"--pool-set lam: a pool's lam is fixed (pool {pool!r})")
     check_hyperparameters(pool, given)
+
+
+def check_out(out: str, inputs: Sequence[str]) -> None:
+    """Before any tensor is read: --out must not destroy anything (exit 2) and its folder
+    must be writable (exit 1, an environment failure), so a long merge is not wasted."""
+    try:
+        path = vectors.check_output(out, inputs, what="--out")
+        folder = vectors.existing_ancestor(path.parent)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
+    except OSError as err:
+        raise WriteError(f"cannot write {out}: {err.strerror or err}") from None
+
+
+class WriteError(Exception):
+    """The environment failed (read-only folder, full disk): exit 1, message already worded."""
 
 
 def _describe(name: str) -> str:
@@ -105,8 +173,15 @@ def _common(sub: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``mergeloom: error:`` line too (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mergeloom: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergeloom", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mergeloom", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("methods", help="list methods, hyperparameters and defaults")
     merge = commands.add_parser("merge", help="merge experts with one method")
@@ -136,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> str:
     if args.command == "methods":
         return "\n".join(_describe(name) for name in methods.METHODS)
-    hyperparameters = parse_assignments(args.set, "--set")
-    check_hyperparameters(args.method, list(hyperparameters))
+    hyperparameters, options = _checked(args)
     task_vectors = vectors.load_task_vectors(args.pretrained, args.experts)
     record: dict[str, object] = {
         "method": args.method,
@@ -145,15 +219,9 @@ def run(args: argparse.Namespace) -> str:
         "experts": [str(p) for p in args.experts],
     }
     if args.command == "merge":
-        if args.lam is not None:
-            if "lam" in hyperparameters:
-                raise ValueError("lam given twice: use either --lam or --set lam=...")
-            hyperparameters["lam"] = args.lam
         delta = methods.get(args.method)(task_vectors, **hyperparameters)
     else:
-        lambdas = parse_lambdas(args.lambdas)
-        pool_hp = parse_assignments(args.pool_set, "--pool-set")
-        check_pool_hyperparameters(args.pool, list(pool_hp))
+        lambdas, pool_hp = options["lambdas"], options["pool_hyperparameters"]
         delta = weave(
             args.method,
             task_vectors,
@@ -165,17 +233,42 @@ def run(args: argparse.Namespace) -> str:
             pool_hyperparameters=pool_hp,
         )
         record.update(
-            lambdas=lambdas,
+            options,
             pool=args.pool,
-            pool_hyperparameters=pool_hp,
             collaborative=args.collaborative,
             seed=args.seed,
             effective_lam_mean_pool=effective_lam(len(task_vectors), lambdas, args.collaborative),
         )
     pretrained = task_vectors[0].pretrained
     merged = vectors.apply(pretrained, delta, inplace=True)
-    vectors.save(merged, args.out, metadata=vectors.metadata_json(record))
+    try:
+        vectors.save(merged, args.out, metadata=vectors.metadata_json(record))
+    except OSError as err:
+        raise WriteError(f"cannot write {args.out}: {err.strerror or err}") from None
     return f"wrote {args.out} ({len(merged)} tensors)"
+
+
+def _checked(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, object]]:
+    """Every option checked before any tensor is read; (method hyperparameters, weave's)."""
+    hyperparameters = parse_assignments(args.set, "--set")
+    methods.get(args.method)
+    options: dict[str, object] = {}
+    if args.command == "merge" and args.lam is not None:
+        if "lam" in hyperparameters:
+            raise ValueError("lam given twice: use either --lam or --set lam=...")
+        hyperparameters["lam"] = methods.check_lam(args.lam, "--lam")
+    if args.command == "weave":
+        if "lam" in hyperparameters:
+            raise ValueError(
+                f"weave: ['lam'] given both as fixed hyperparameters (--set lam="
+                f"{hyperparameters['lam']}) and in the search space (--lambdas)"
+            )
+        options["lambdas"] = parse_lambdas(args.lambdas)
+        options["pool_hyperparameters"] = parse_assignments(args.pool_set, "--pool-set")
+        check_pool_hyperparameters(args.pool, options["pool_hyperparameters"])
+    check_hyperparameters(args.method, hyperparameters)
+    check_out(args.out, [args.pretrained, *args.experts])
+    return hyperparameters, options
 
 
 def _one_line(text: str) -> str:
@@ -197,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergeloom: error: interrupted", file=sys.stderr)
         return 130
+    except WriteError as err:
+        print(f"mergeloom: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # an input that cannot be read (permissions, I/O error)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mergeloom: error: {where}{_one_line(err.strerror or err)}", file=sys.stderr)
+        return 1
     except Exception as err:  # the CLI boundary: one line, not a traceback
         print(f"mergeloom: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 1

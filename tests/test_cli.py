@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from mergeloom import cli, methods, vectors, weave
@@ -186,10 +187,10 @@ def test_bad_files(files, tmp_path, capsys):
 
     fails_with([tmp_path / "missing.safetensors"], "not found: ")
     (tmp_path / "corrupt.safetensors").write_bytes(b"garbage")
-    fails_with([tmp_path / "corrupt.safetensors"], "cannot read safetensors file ")
+    fails_with([tmp_path / "corrupt.safetensors"], "corrupt.safetensors is not a safetensors file")
     nan = vectors.load(experts[1])
     nan["proj"][0, 0] = float("inf")
-    vectors.save(nan, tmp_path / "nan.safetensors")
+    safetensors.torch.save_file(nan, tmp_path / "nan.safetensors")  # vectors.save refuses it
     fails_with(
         [experts[0], tmp_path / "nan.safetensors"], "nan.safetensors: tensor 'proj' contains"
     )
@@ -453,12 +454,12 @@ def test_entry_point_bad_expert_file_is_one_line(small, tmp_path):
         "weave", "ties", "--pretrained", pretrained, "--experts", experts[0],
         tmp_path / "notes.safetensors", "--out", out, check_code=None,
     )  # fmt: skip
-    assert_one_error_line(result, 2, "cannot read safetensors file ")
+    assert_one_error_line(result, 2, "notes.safetensors is not a safetensors file: it starts")
     assert not out.exists()
 
 
-def test_entry_point_unexpected_failure_is_one_line_exit_1(small, tmp_path):
-    """A failure that is no ValueError (here: --out is a folder) names its type, no traceback."""
+def test_entry_point_out_folder_is_refused_up_front(small, tmp_path):
+    """--out naming a folder is bad input (exit 2), found before any tensor is read."""
     pretrained, experts = small
     out = tmp_path / "existing_folder"
     out.mkdir()
@@ -466,7 +467,7 @@ def test_entry_point_unexpected_failure_is_one_line_exit_1(small, tmp_path):
         "merge", "ties", "--pretrained", pretrained, "--experts", *experts, "--out", out,
         check_code=None,
     )  # fmt: skip
-    assert_one_error_line(result, 1, "IsADirectoryError: ")
+    assert_one_error_line(result, 2, f"--out {out} is a directory; expected a file path")
     assert list(out.iterdir()) == []  # the temporary file was removed
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 

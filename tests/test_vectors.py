@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import safetensors
 import safetensors.torch
@@ -85,7 +88,7 @@ def test_read_into_fills_without_allocating(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    def killed_mid_write(f, state, metadata):
+    def killed_mid_write(f, state, metadata, target):
         f.write(b"partial")
         raise KeyboardInterrupt
 
@@ -104,14 +107,14 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
         vectors.SafetensorsFile(bad)
     text = b'"a json string, not an object"'  # valid JSON of the wrong kind
     bad.write_bytes(len(text).to_bytes(8, "little") + text)
-    with pytest.raises(ValueError, match="header is a JSON str, expected an object"):
+    with pytest.raises(ValueError, match="its header does not start with '{' \\(a JSON object\\)"):
         vectors.SafetensorsFile(bad)
 
 
 def test_nan_names_file_and_key(tmp_path):
     state = vit_like(0)
     state["proj"][0, 0] = float("nan")
-    vectors.save(state, tmp_path / "e.safetensors")
+    safetensors.torch.save_file(state, tmp_path / "e.safetensors")  # vectors.save refuses NaN
     source = vectors.SafetensorsFile(tmp_path / "e.safetensors")
     source["conv1.weight"]  # finite keys read fine
     with pytest.raises(ValueError, match=r"e.safetensors: tensor 'proj' contains NaN or Inf"):
@@ -148,3 +151,42 @@ def test_cosine_similarity():
     assert sim[0, 0] == pytest.approx(1.0) and sim[0, 3] == pytest.approx(1.0)
     assert sim[0, 1] == pytest.approx(0.0)
     assert sim[0, 2] == pytest.approx(2**-0.5)
+
+
+def test_a_key_must_be_floating_in_every_state_or_in_none(tmp_path):
+    f32 = {"w": torch.zeros(2), "n": torch.tensor(1)}
+    f16 = {"w": torch.zeros(2, dtype=torch.float16), "n": torch.tensor(1, dtype=torch.int32)}
+    vectors.check_compatible([f32, f16])  # float widths and integer widths may differ
+    i32 = {"w": torch.zeros(2, dtype=torch.int32), "n": torch.tensor(1)}
+    with pytest.raises(ValueError, match=r"^e: 'w' is I32 but F32 in p; a key must be floating"):
+        vectors.check_compatible([f32, i32], names=["p", "e"])
+    vectors.save(i32, tmp_path / "i.safetensors")
+    vectors.save(f32, tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match=r"'w' is F32 but I32 in pretrained .*i.safetensors"):
+        vectors.load_task_vectors(tmp_path / "i.safetensors", [tmp_path / "f.safetensors"])
+    with pytest.raises(ValueError, match=r"'w' is I32 but F32 in #0"):  # a file against a dict
+        vectors.check_compatible([vectors.SafetensorsFile(tmp_path / "f.safetensors"), i32])
+
+
+def test_directory_and_other_formats_say_what_they_are(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory, expected a .safetensors file"):
+        vectors.SafetensorsFile(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"c.pt is not a safetensors file: it is a zip archive"):
+        vectors.SafetensorsFile(tmp_path / "c.pt")
+    nested = b'{"a":' * 100_000
+    (tmp_path / "n.safetensors").write_bytes(len(nested).to_bytes(8, "little") + nested)
+    with pytest.raises(ValueError, match=r"n.safetensors: its header JSON is nested too deeply"):
+        vectors.SafetensorsFile(tmp_path / "n.safetensors")
+
+
+def test_save_never_replaces_a_directory_or_device(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match=r"output .*d is a directory; expected a file path"):
+        vectors.save(vit_like(0), tmp_path / "d")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"output .*pipe is a fifo; expected a file path"):
+        vectors.save(vit_like(0), tmp_path / "pipe")
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "pipe"]
+    assert not any((tmp_path / "d").iterdir())

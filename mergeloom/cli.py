@@ -19,14 +19,11 @@ import errno
 import inspect
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-import yaml
-
-from mergeloom import methods, vectors
+from mergeloom import methods, vectors, yamlio
 from mergeloom.weave import POOLS, effective_lam, get_pool, weave
 
 
@@ -85,19 +82,14 @@ def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, object]:
         if not sep or not name.strip():
             raise ValueError(f"{option} {pair!r}: expected name=value")
         try:
-            out[name.strip()] = _scalar(yaml.safe_load(value))
-        except yaml.YAMLError as err:
+            out[name.strip()] = yamlio.load(value)
+        except yamlio.YAMLError as err:
             problem = getattr(err, "problem", None) or "not YAML"
             raise ValueError(f"{option} {pair!r}: cannot read the value ({problem})") from None
     return out
 
 
 # YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number.
-_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _scalar(value: object) -> object:
-    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value) else value
 
 
 def check_hyperparameters(name: str, given: Mapping[str, object]) -> None:

@@ -11,6 +11,8 @@ import re
 
 import yaml
 
+YAMLError = yaml.YAMLError
+
 
 class Loader(yaml.SafeLoader):
     """yaml.SafeLoader plus YAML 1.2 floats without a dot (1e-3, -2E+5)."""

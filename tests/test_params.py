@@ -179,6 +179,24 @@ def test_make_pipeline_names_a_broken_params_file_in_one_line(tmp_path, text, me
     assert not (tmp_path / "dvc.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("setups", 5, "params.yaml: setups = 5 is invalid; expected a non-empty mapping"),
+        ("setups", {"multitask": {"dataset": "imagenet", "tasks": ["a"]}},
+         "params.yaml: setups.multitask.dataset = 'imagenet' is invalid"),
+        ("model", {"name": "ViT-B-32"}, "params.yaml: missing key model.'pretrained'"),
+    ],
+)  # fmt: skip
+def test_make_pipeline_names_bad_setups_and_model_values_in_one_line(
+    tmp_path, section, value, message
+):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params[section] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert message in _one_line_error(_make_pipeline(tmp_path))
+
+
 @pytest.mark.parametrize("where", ["data/user_datasets", "models/heads", "."])
 def test_make_pipeline_refuses_datasets_inside_or_around_an_output(tmp_path, where):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mergeloom import clip, evaluate, train  # noqa: E402
+from mergeloom.device import pick_device  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
-    device = clip.pick_device(args.device)
+    device = pick_device(args.device)
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
     head = torch.nn.functional.normalize(torch.randn(model.visual.output_dim, 10), dim=0) * 100

@@ -316,17 +316,3 @@ def logits(model: open_clip.CLIP, head: torch.Tensor, images: torch.Tensor) -> t
     """Class logits (N, C): L2-normalized image features of raw [0, 1] images times the head."""
     features = model.encode_image(normalize_images(model, images), normalize=True)  # (N, e)
     return features @ head
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """Resolve a device name; ``"auto"`` is CUDA when available, else the CPU.
-
-    Raises:
-        ValueError: CUDA was asked for but is not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch.cuda.is_available() is False")
-    return device

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from mergeloom import loops
-from mergeloom.clip import load_image_encoder, pick_device
+from mergeloom.clip import load_image_encoder
+from mergeloom.device import pick_device
 from mergeloom.tasks import Relabeled, labels_of
 
 if TYPE_CHECKING:

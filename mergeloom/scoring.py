@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mergeloom import clip, evaluate, loops, setups, vectors
+from mergeloom.device import pick_device
 from mergeloom.protocol import EvalSet, Problem
 from mergeloom.setups import in_memory
 
@@ -42,7 +43,7 @@ def scorer(
     clip.drop_text_tower(model)
     theta0 = vectors.SafetensorsFile(pretrained_visual)
     _, val_tf = loops.transforms(model)
-    target = clip.pick_device(device)
+    target = pick_device(device)
 
     def score(
         eval_sets: Sequence[EvalSet],

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mergeloom import loops
-from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, normalize_images, pick_device
+from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, normalize_images
+from mergeloom.device import pick_device
 from mergeloom.tasks import labels_of
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from pathlib import Path
 from dvclive import Live
 
 from mergeloom import clip, loops, setups, train, vectors
+from mergeloom.device import pick_device
 from stages import common
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
         state = train.finetune(
             model, vectors.load(args.head)["head"], task.train, transform=train_tf,
-            steps=n_steps, device=clip.pick_device(rt["device"]),
+            steps=n_steps, device=pick_device(rt["device"]),
             num_workers=0 if setups.in_memory(task.train) else rt["num_workers"],
             checkpoint=Path(".resume") / args.unit / f"{args.task}.pt",
             num_classes=len(task.classnames), log=log, **hp,

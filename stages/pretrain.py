@@ -17,6 +17,7 @@ import torch
 from dvclive import Live
 
 from mergeloom import clip, train, vectors
+from mergeloom.device import pick_device
 from stages import common
 
 LOG_EVERY = 25
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     for key, value in values.items():
                         live.log_metric(f"pretrain/{key}", float(value))
 
-            device = clip.pick_device(common.runtime()["device"])
+            device = pick_device(common.runtime()["device"])
             train.pretrain(model, tokenizer, source["images"], captions, log=log, device=device,
                            **cfg)  # fmt: skip
         live.summary["pretrained_from"] = m["pretrained"] or "scratch"

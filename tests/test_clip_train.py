@@ -23,9 +23,9 @@ from mergeloom.clip import (
     load_image_encoder,
     logits,
     normalize_images,
-    pick_device,
     zeroshot_head,
 )
+from mergeloom.device import pick_device
 from mergeloom.evaluate import accuracy, features, score
 from mergeloom.loops import transforms as clip_transforms
 from mergeloom.protocol import EvalSet

@@ -87,7 +87,10 @@ def render(folder: Path = Path(".")) -> str:
     """The dvc.yaml text for ``folder/params.yaml`` (paths relative to ``folder``)."""
     params = common.read_params(folder / "params.yaml")
     validate(params)
-    prefix = os.path.relpath(ROOT, folder.resolve())
+    # code deps point at the code of the DVC repository holding the folder (the same modules as
+    # ROOT's, which is where this script was imported from: an installed checkout may be another)
+    repo = common.repository_root(folder)
+    prefix = os.path.relpath(repo if (repo / ".dvc").is_dir() else ROOT, folder.resolve())
 
     def code(script: str) -> list[str]:
         return [os.path.normpath(os.path.join(prefix, f)) for f in imported_modules(script)]

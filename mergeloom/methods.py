@@ -14,10 +14,13 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from tqdm.auto import tqdm
 
+from mergeloom.device import compute_device
 from mergeloom.stats import order_statistics
 from mergeloom.vectors import StateDict, TensorMap, check_compatible, shape_of
 
@@ -29,18 +32,47 @@ Method = Callable[..., StateDict]
 # ---------------------------------------------------------------- shared steps
 
 
+KeyHook = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_KEY_HOOK: ContextVar[KeyHook | None] = ContextVar("mergeloom_key_hook", default=None)
+
+
+@contextmanager
+def key_hook(hook: KeyHook) -> Iterator[None]:
+    """Inside the block a method's output for each key is ``hook(key, stack, delta, None)``,
+    not ``delta``: Weight Weaving pools a key while its task vectors are in memory, so the
+    experts are read once.
+
+    ``stack`` holds the key's raw task vectors (T, *shape), ``delta`` the merged update, both
+    on the compute device. A method that revises entries after its pass (TIES's zero-sign
+    coordinates) calls the hook again for them with ``index``, their flat positions, and
+    ``stack`` (T, n) and ``delta`` (n,) holding those entries only. A method that merges other
+    tensors than its inputs (DARE's dropped views) still gives the hook the raw ones.
+    """
+    token = _KEY_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _KEY_HOOK.reset(token)
+
+
 class _Stacker:
-    """(T, *shape) float32 stacks of one key, in one buffer reused across keys.
+    """(T, *shape) float32 stacks of one key on the compute device, in one reused buffer.
 
     A fresh allocation per key costs page faults (~0.5 s/GB here) that dominate simple merges;
-    lazy task vectors read straight into the buffer. A returned stack is valid until the next
-    call, so callers derive new tensors from it and never keep it.
+    lazy task vectors read straight into the buffer (through a CPU row when computing on
+    another device: files are read into CPU memory). A returned stack is valid until the next
+    call, so callers derive new tensors from it and never keep it. ``finish`` turns a key's
+    merged update into the method's output: on the CPU, through the key hook if one is set.
     """
 
     def __init__(self, task_vectors: Sequence[TensorMap]):
         self.task_vectors = task_vectors
+        self.device = compute_device()
+        self.hook = _KEY_HOOK.get()
         numel = max((math.prod(shape_of(task_vectors[0], k)) for k in task_vectors[0]), default=0)
-        self.buffer = torch.empty(len(task_vectors) * numel)
+        self.buffer = torch.empty(len(task_vectors) * numel, device=self.device)
+        self.staging = torch.empty(numel) if self.device.type != "cpu" else None
+        self.spare: torch.Tensor | None = None
 
     def __call__(self, key: str) -> torch.Tensor:
         shape = shape_of(self.task_vectors[0], key)
@@ -49,9 +81,29 @@ class _Stacker:
             fill = getattr(tv, "read_into", None)
             if fill is None:
                 row.copy_(tv[key])
-            else:
+            elif self.staging is None:
                 fill(key, row)
+            else:
+                staged = self.staging[: row.numel()].view(row.shape)
+                fill(key, staged)
+                row.copy_(staged)
         return stack  # (T, *shape)
+
+    def writable(self, stack: torch.Tensor) -> torch.Tensor:
+        """``stack`` for a method to overwrite: itself, or a copy while the hook needs it."""
+        if self.hook is None:
+            return stack
+        if self.spare is None:
+            self.spare = torch.empty_like(self.buffer)
+        return self.spare[: stack.numel()].view(stack.shape).copy_(stack)
+
+    def finish(
+        self, key: str, stack: torch.Tensor, delta: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output for ``key`` on the CPU: ``delta``, or the hook's value from the raw
+        ``stack`` and ``delta`` (see ``key_hook``)."""
+        out = delta if self.hook is None else self.hook(key, stack, delta, index)
+        return out.cpu()
 
 
 def _prepare(task_vectors: Sequence[TensorMap], name: str) -> tuple[list[str], _Stacker]:
@@ -159,8 +211,12 @@ def weight_averaging(task_vectors: Sequence[TensorMap], *, lam: float = 1.0) -> 
     (element-wise). lam = 1 is plain averaging (= Task Arithmetic at lam = 1/T).
     """
     _check_lam("weight_averaging", lam)
+    merged = {}
     keys, stack_of = _prepare(task_vectors, "weight_averaging")
-    return {k: stack_of(k).mean(0) * lam for k in _progress(keys, "weight_averaging")}
+    for key in _progress(keys, "weight_averaging"):
+        stack = stack_of(key)
+        merged[key] = stack_of.finish(key, stack, stack.mean(0) * lam)
+    return merged
 
 
 def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> StateDict:
@@ -170,8 +226,12 @@ def task_arithmetic(task_vectors: Sequence[TensorMap], *, lam: float = 0.3) -> S
     Scope: per-tensor (element-wise). Default lam 0.3 as FusionBench's data-free default.
     """
     _check_lam("task_arithmetic", lam)
+    merged = {}
     keys, stack_of = _prepare(task_vectors, "task_arithmetic")
-    return {k: stack_of(k).sum(0) * lam for k in _progress(keys, "task_arithmetic")}
+    for key in _progress(keys, "task_arithmetic"):
+        stack = stack_of(key)
+        merged[key] = stack_of.finish(key, stack, stack.sum(0) * lam)
+    return merged
 
 
 # ---------------------------------------------------------------- sign / sparsity family
@@ -314,24 +374,31 @@ def _ties(
                     rule,
                 )
                 for tv in task_vectors
-            ]
+            ],
+            device=stack_of.device,
         )
         # One pass: coordinates whose summed sign is exactly 0 but hold entries wait for the
         # majority sign of the whole group (reference `resolve_zero_signs`); they are rare.
         # Frozen zeros elect sign 0 and leave the majority unchanged.
         mass, pending = 0.0, []
+        # The raw stack stays intact for a key hook (``writable``), which gets it and then the
+        # raw entries of the pending coordinates.
         for key in _progress(group, name) if scope == "global" else group:
-            trimmed = _trim(stack_of(key), thresholds)  # (T, *shape)
+            stack = stack_of(key)
+            trimmed = _trim(stack_of.writable(stack), thresholds)  # (T, *shape)
             elected = torch.sign(trimmed.sum(0))
             mass += float(elected.sum())
             flat, zero = trimmed.reshape(len(trimmed), -1), (elected == 0).view(-1).nonzero()[:, 0]
             undecided = zero[(flat[:, zero] != 0).any(0)]
             if len(undecided):
-                pending.append((key, undecided, flat[:, undecided]))
-            merged[key] = _disjoint_merge(trimmed, elected, merge, rule) * lam
-        majority = torch.sign(torch.tensor(mass))
-        for key, index, entries in pending:
-            merged[key].view(-1)[index] = _disjoint_merge(entries, majority, merge, rule) * lam
+                raw = stack.reshape(len(stack), -1)[:, undecided]
+                pending.append((key, undecided, flat[:, undecided], raw))
+            delta = _disjoint_merge(trimmed, elected, merge, rule) * lam
+            merged[key] = stack_of.finish(key, stack, delta)
+        majority = torch.sign(torch.tensor(mass, device=stack_of.device))
+        for key, index, entries, raw in pending:
+            delta = _disjoint_merge(entries, majority, merge, rule) * lam
+            merged[key].view(-1)[index.cpu()] = stack_of.finish(key, raw, delta, index)
     return merged
 
 
@@ -392,9 +459,24 @@ def dare(
     _check_choice("dare", "rescale", rescale, (True, False))
     _prepare(task_vectors, "dare")
     dropped = [_Dropped(tv, p, seed, t, rescale) for t, tv in enumerate(task_vectors)]
-    if base == "ties":
-        return _ties(dropped, lam, k, "mean", "global", 0, rule="mergelm", name="dare")
-    return task_arithmetic(dropped, lam=lam)
+
+    def merge_dropped() -> StateDict:
+        if base == "ties":
+            return _ties(dropped, lam, k, "mean", "global", 0, rule="mergelm", name="dare")
+        return task_arithmetic(dropped, lam=lam)
+
+    hook = _KEY_HOOK.get()
+    if hook is None:
+        return merge_dropped()
+    raw_of = _Stacker(task_vectors)  # a key hook pools the raw task vectors: read them again
+
+    def raw_hook(key: str, _: torch.Tensor, delta: torch.Tensor, index: torch.Tensor | None):
+        raw = raw_of(key)
+        raw = raw if index is None else raw.reshape(len(raw), -1)[:, index]
+        return hook(key, raw, delta, index)
+
+    with key_hook(raw_hook):
+        return merge_dropped()
 
 
 def _rank_at_least(magnitudes: torch.Tensor, rank: int) -> torch.Tensor:
@@ -492,15 +574,35 @@ def magmax(task_vectors: Sequence[TensorMap], *, lam: float = 0.5) -> StateDict:
     keys, stack_of = _prepare(task_vectors, "magmax")
     for key in _progress(keys, "magmax"):
         stack = stack_of(key)
-        best = stack[0].clone()
-        best_abs = best.abs()
-        for candidate in stack[1:]:  # ">=": the later task wins ties
-            magnitude = candidate.abs()
-            take = magnitude >= best_abs
-            torch.where(take, candidate, best, out=best)
-            torch.where(take, magnitude, best_abs, out=best_abs)
-        merged[key] = best * lam
+        merged[key] = stack_of.finish(key, stack, largest_magnitude(stack) * lam)
     return merged
+
+
+def largest_magnitude(stack: torch.Tensor) -> torch.Tensor:
+    """Per element, the entry of ``stack`` (T, ...) of largest magnitude; the later row wins
+    ties (MagMax's rule, also Weight Weaving's max_abs pool).
+
+    The winner is the max or the min (two reductions; ``aminmax`` over dim 0 is slower here).
+    Where they tie in magnitude with opposite signs (0 and -0 too) or are NaN, the row order
+    decides: those few entries go through the running comparison.
+    """
+    low, high = stack.amin(0), stack.amax(0)
+    best = torch.where(high >= -low, high, low)
+    unsure = (high == -low) | high.isnan() | low.isnan()
+    if unsure.any():
+        best[unsure] = _running_largest_magnitude(stack[:, unsure])
+    return best
+
+
+def _running_largest_magnitude(stack: torch.Tensor) -> torch.Tensor:
+    best = stack[0].clone()
+    best_abs = best.abs()
+    for candidate in stack[1:]:  # ">=": the later task wins ties
+        magnitude = candidate.abs()
+        take = magnitude >= best_abs
+        torch.where(take, candidate, best, out=best)
+        torch.where(take, magnitude, best_abs, out=best_abs)
+    return best
 
 
 def random_mix(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, seed: int = 0) -> StateDict:
@@ -519,7 +621,8 @@ def random_mix(task_vectors: Sequence[TensorMap], *, lam: float = 1.0, seed: int
     for key in _progress(keys, "random_mix"):
         stack = stack_of(key)
         choice = torch.randint(stack.shape[0], stack.shape[1:], generator=_generator(seed, key))
-        merged[key] = stack.gather(0, choice[None])[0] * lam
+        picked = stack.gather(0, choice.to(stack.device)[None])[0]  # CPU draws on any device
+        merged[key] = stack_of.finish(key, stack, picked * lam)
     return merged
 
 
@@ -545,7 +648,7 @@ def consensus(
         stack = stack_of(key)
         total = stack.sum(0)
         used = stack.abs() > tall_lambda * (total - stack).abs()  # TALL mask per task
-        merged[key] = total * (used.sum(0) >= k) * lam
+        merged[key] = stack_of.finish(key, stack, total * (used.sum(0) >= k) * lam)
     return merged
 
 

@@ -10,6 +10,8 @@ random = random mixing, max_abs = MagMax, all at lam 1, and any registered metho
 Candidates are lazy mappings, so pooling reads one key of every candidate at a time:
   * lam-linear methods: D = method(lam=1) is computed once, candidate i is the view lam_i * D
     (docs/methods.md#closed-form); lam-affine (CART): m + lam_i * D with m = method(lam=0);
+    the pools mean, random and max_abs run inside the pass that computes D, on each key's
+    stack of task vectors (``methods.key_hook``), so weaving reads the experts once;
   * any other grid: each candidate is merged once and spilled to a temporary safetensors
     file, so at most one candidate model is in memory.
 """
@@ -118,13 +120,160 @@ def lambda_candidates(
     hyperparameters: Mapping[str, object],
 ) -> list[_Affine]:
     method = methods.get(name)
-    direction = method(task_vectors, lam=1.0, **hyperparameters)
+    at_one = method(task_vectors, lam=1.0, **hyperparameters)
+    return _views(at_one, _offset(name, task_vectors, hyperparameters), lambdas)
+
+
+def _offset(
+    name: str, task_vectors: Sequence[TensorMap], hyperparameters: Mapping[str, object]
+) -> StateDict | None:
+    """m = method(lam=0) of a lam-affine method; None for a lam-linear one."""
     if name in methods.LAMBDA_LINEAR:
-        return [_Affine(None, direction, lam) for lam in lambdas]
-    offset = method(task_vectors, lam=0.0, **hyperparameters)
-    for key in direction:  # direction = method(lam=1) - method(lam=0), in place
-        direction[key] -= offset[key]
-    return [_Affine(offset, direction, lam) for lam in lambdas]
+        return None
+    return methods.get(name)(task_vectors, lam=0.0, **hyperparameters)
+
+
+def _views(at_one: StateDict, offset: StateDict | None, lambdas: Sequence[float]) -> list[_Affine]:
+    """Candidates offset + lam_i * D from method(lam=1); D is taken in place of it."""
+    if offset is not None:
+        for key in at_one:  # D = method(lam=1) - method(lam=0)
+            at_one[key] -= offset[key]
+    return [_Affine(offset, at_one, lam) for lam in lambdas]
+
+
+# ---------------------------------------------------------------- pools inside the method's pass
+
+
+def _view(offset: torch.Tensor | None, direction: torch.Tensor, lam: float) -> torch.Tensor:
+    """One candidate, computed as ``_Affine`` does (same rounding)."""
+    value = direction * lam
+    return value if offset is None else value + offset
+
+
+def _mean_pool(
+    raw: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    direction: torch.Tensor,
+    lambdas: Sequence[float],
+) -> torch.Tensor:
+    """Mean of the candidates in closed form: (sum_t tau_t + L m + sum(lam) D) / (T + L);
+    equal to the explicit mean up to float rounding (summation order)."""
+    total = direction * sum(lambdas)
+    if offset is not None:
+        total += offset * len(lambdas)
+    if raw is not None:
+        total += raw.sum(0)
+    return total / (len(lambdas) + (0 if raw is None else len(raw)))
+
+
+def _random_pool(
+    raw: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    direction: torch.Tensor,
+    lambdas: Sequence[float],
+    choice: torch.Tensor,
+) -> torch.Tensor:
+    """Per element the candidate ``choice`` (raw task vectors first, then the views in lambda
+    order), without building the candidates: views as lam[choice] * D (+ m)."""
+    n_raw = 0 if raw is None else len(raw)
+    scale = torch.tensor([0.0] * n_raw + list(lambdas), device=direction.device)[choice]
+    view = direction * scale
+    if offset is not None:
+        view += offset
+    if raw is None:
+        return view
+    picked = raw.gather(0, choice.clamp(max=n_raw - 1)[None])[0]
+    return torch.where(choice < n_raw, picked, view)
+
+
+def _max_abs_pool(
+    raw: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    direction: torch.Tensor,
+    lambdas: Sequence[float],
+) -> torch.Tensor:
+    """MagMax over the candidates (the later one wins ties). Views are monotone in lam
+    (rounding is monotone), so over sorted lambdas the winning view is the first or the last
+    one; otherwise every view is compared."""
+    ascending = all(a <= b for a, b in itertools.pairwise(lambdas))
+    descending = all(a >= b for a, b in itertools.pairwise(lambdas))
+    ends = [lambdas[0], lambdas[-1]] if ascending or descending else lambdas
+    rows = [_view(offset, direction, lam) for lam in ends]
+    if raw is not None:
+        rows.insert(0, methods.largest_magnitude(raw))
+    return methods.largest_magnitude(torch.stack(rows))
+
+
+class _KeyPool:
+    """Pool mean, random or max_abs of the lambda candidates, one key at a time, as the key
+    hook of the base method (``methods.key_hook``): from the key's raw task vectors and
+    D[key] = its update at lam 1. Same candidates, order and random draws as pooling
+    ``lambda_candidates``; ``keys`` records which keys the method pooled."""
+
+    def __init__(
+        self,
+        pool: str,
+        lambdas: Sequence[float],
+        offset: StateDict | None,
+        collaborative: bool,
+        seed: int,
+    ):
+        self.pool, self.lambdas, self.offset = pool, list(lambdas), offset
+        self.collaborative, self.seed = collaborative, seed
+        self.shapes: dict[str, torch.Size] = {}
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.shapes)
+
+    def __call__(
+        self, key: str, stack: torch.Tensor, delta: torch.Tensor, index: torch.Tensor | None
+    ) -> torch.Tensor:
+        if index is None:
+            self.shapes[key] = delta.shape
+        offset, direction = None, delta
+        if self.offset is not None:
+            offset = self.offset[key].to(delta.device)
+            offset = offset if index is None else offset.reshape(-1)[index]
+            direction = delta - offset
+        raw = stack if self.collaborative else None
+        if self.pool == "mean":
+            return _mean_pool(raw, offset, direction, self.lambdas)
+        if self.pool == "max_abs":
+            return _max_abs_pool(raw, offset, direction, self.lambdas)
+        n_candidates = len(self.lambdas) + (len(stack) if self.collaborative else 0)
+        draw = torch.Generator().manual_seed(methods.key_seed(self.seed, key))
+        choice = torch.randint(n_candidates, self.shapes[key], generator=draw)  # as random_mix
+        choice = choice.to(delta.device)
+        choice = choice if index is None else choice.reshape(-1)[index]
+        return _random_pool(raw, offset, direction, self.lambdas, choice)
+
+
+def pooled_in_one_pass(
+    name: str,
+    task_vectors: Sequence[TensorMap],
+    lambdas: Sequence[float],
+    pool: str,
+    *,
+    collaborative: bool,
+    seed: int,
+    hyperparameters: Mapping[str, object],
+) -> StateDict:
+    """Weight Weaving over lam with pool mean, random or max_abs, pooled inside the base
+    method's pass; a method that does not call its key hook is pooled in a second pass."""
+    if pool == "random":
+        methods.check_hyperparameters("random_mix", {"seed": seed})
+    offset = _offset(name, task_vectors, hyperparameters)
+    pooler = _KeyPool(pool, lambdas, offset, collaborative, seed)
+    with methods.key_hook(pooler):
+        merged = methods.get(name)(task_vectors, lam=1.0, **hyperparameters)
+    if pooler.keys == set(merged):
+        return merged
+    if pooler.keys:
+        raise RuntimeError(f"weave: {name} pooled {len(pooler.keys)} of {len(merged)} keys")
+    n_candidates = len(lambdas) + (len(task_vectors) if collaborative else 0)
+    pool_fn = get_pool(pool, seed=seed, n_candidates=n_candidates)
+    return pool_fn((list(task_vectors) if collaborative else []) + _views(merged, offset, lambdas))
 
 
 def weave(
@@ -175,6 +324,16 @@ def weave(
     raw = list(task_vectors) if collaborative else []
     if closed_form and set(search_space) == {"lam"}:
         lambdas = [float(point["lam"]) for point in grid]
+        if isinstance(pool, str) and pool in POOLS:
+            return pooled_in_one_pass(
+                method,
+                task_vectors,
+                lambdas,
+                pool,
+                collaborative=collaborative,
+                seed=seed,
+                hyperparameters=hyperparameters,
+            )
         return pool_fn(raw + lambda_candidates(method, task_vectors, lambdas, hyperparameters))
     with tempfile.TemporaryDirectory(prefix="mergeloom-weave-", dir=spill_dir) as tmp:
         spilled = []

@@ -176,14 +176,14 @@ def _random_pool(
     """Per element the candidate ``choice`` (raw task vectors first, then the views in lambda
     order), without building the candidates: views as lam[choice] * D (+ m)."""
     n_raw = 0 if raw is None else len(raw)
-    scale = torch.tensor([0.0] * n_raw + list(lambdas), device=direction.device)[choice]
-    view = direction * scale
+    table = torch.tensor([0.0] * n_raw + list(lambdas), device=direction.device)
+    view = direction * table.index_select(0, choice.reshape(-1)).view(choice.shape)
     if offset is not None:
         view += offset
     if raw is None:
         return view
     picked = raw.gather(0, choice.clamp(max=n_raw - 1)[None])[0]
-    return torch.where(choice < n_raw, picked, view)
+    return torch.where(choice < n_raw, picked, view, out=view)
 
 
 def _max_abs_pool(
@@ -242,9 +242,8 @@ class _KeyPool:
         if self.pool == "max_abs":
             return _max_abs_pool(raw, offset, direction, self.lambdas)
         n_candidates = len(self.lambdas) + (len(stack) if self.collaborative else 0)
-        draw = torch.Generator().manual_seed(methods.key_seed(self.seed, key))
-        choice = torch.randint(n_candidates, self.shapes[key], generator=draw)  # as random_mix
-        choice = choice.to(delta.device)
+        choice = methods.random_choice(n_candidates, self.shapes[key], self.seed, key)
+        choice = choice.to(delta.device)  # the draws of random_mix over the candidates
         choice = choice if index is None else choice.reshape(-1)[index]
         return _random_pool(raw, offset, direction, self.lambdas, choice)
 

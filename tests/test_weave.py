@@ -325,6 +325,13 @@ def test_closed_pools_equal_pooling_the_candidates(seed, affine, lambdas):
         torch.testing.assert_close(_mean_pool(r, offset, direction, lambdas), stack.mean(0))
 
 
+def test_random_choice_draws_are_the_int64_draws():
+    """random_mix and the random pool draw int32 indices: the values torch draws as int64."""
+    for n, shape in [(3, (7, 5)), (28, (1000,)), (70_000, (300,)), (5, ())]:
+        expected = torch.randint(n, shape, generator=methods._generator(4, "k"))
+        assert torch.equal(methods.random_choice(n, shape, 4, "k").long(), expected)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_largest_magnitude_is_the_running_rule(seed):
     """The later row wins ties, 0 vs -0 included; NaN and inf behave as the running comparison."""

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from mergeloom import analysis, setups, vectors
+from mergeloom.device import compute_on
 from stages import common, figures
 
 PANELS = {"all": "whole block", "attention": "attention", "mlp": "MLP"}
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     sets = task_vector_sets(args.setup, p["setups"], args.task_vectors_dir)
     if not sets:
         raise ValueError(f"--setup {args.setup!r} is unknown; expected one of {list(p['setups'])}")
-    results = {kind: analysis.describe(tvs, **p["analysis"]) for kind, (_, tvs) in sets.items()}
+    with compute_on(common.runtime()["device"]):  # per key on the device, results on the CPU
+        results = {kind: analysis.describe(tvs, **p["analysis"]) for kind, (_, tvs) in sets.items()}
     tasks = {kind: names for kind, (names, _) in sets.items()}
     pairwise = {k: r for k, r in results.items() if "redundancy" in r}
     if not pairwise:

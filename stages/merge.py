@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from mergeloom import methods, protocol, scoring, vectors, weave
+from mergeloom.device import compute_on
 from stages import common
 
 
@@ -31,6 +32,24 @@ def sweep(score, members: list, name: str, hp: dict, lambdas: list, problem) -> 
     best = protocol.oracle(val, problem.primary)
     return {"curves": curves, "oracle_lam": float(best), "oracle": curves[best],
             "best_lambdas": protocol.best_lambdas(val)}  # fmt: skip
+
+
+def _merge_all(by_unit: dict, score, args: argparse.Namespace, hp: dict,
+               lambdas: list) -> tuple[dict, list]:  # fmt: skip
+    """(unit -> problem -> default and sweep results, the sweep's CSV rows)."""
+    method = methods.get(args.method)
+    results, rows = {}, []
+    for unit, problems in by_unit.items():
+        for problem in problems:
+            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
+                       for t in problem.members]  # fmt: skip
+            default = score(problem.eval_sets, delta=method(members, **hp))
+            result = sweep(score, members, args.method, hp, lambdas, problem)
+            results.setdefault(unit, {})[problem.name] = {"default": default, **result}
+            rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
+                     for lam, sets in result["curves"].items()
+                     for s, acc in sets.items()]  # fmt: skip
+    return results, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,23 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise ValueError(f"params.yaml: merge.methods.{err}") from None
     methods.check_lambdas(p["sweep"]["lambdas"], "params.yaml: sweep.lambdas")
-    method = methods.get(args.method)
     rt = common.runtime()
     by_unit, score = scoring.for_units(
         p, rt, pretrained=args.pretrained, pretrained_visual=args.pretrained_visual,
         data_dir=args.data_dir, heads_dir=args.heads_dir,
     )  # fmt: skip
-    results, rows = {}, []
-    for unit, problems in by_unit.items():
-        for problem in problems:
-            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
-                       for t in problem.members]  # fmt: skip
-            default = score(problem.eval_sets, delta=method(members, **hp))
-            result = sweep(score, members, args.method, hp, p["sweep"]["lambdas"], problem)
-            results.setdefault(unit, {})[problem.name] = {"default": default, **result}
-            rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
-                     for lam, sets in result["curves"].items()
-                     for s, acc in sets.items()]  # fmt: skip
+    with compute_on(rt["device"]):  # the merges; scoring has its own device argument
+        results, rows = _merge_all(by_unit, score, args, hp, p["sweep"]["lambdas"])
     common.write_json(args.out, results)
     common.write_csv(args.plot, rows, ["unit", "problem", "lam", "set", "val", "test"])
 

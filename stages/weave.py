@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from mergeloom import methods, scoring, vectors, weave
+from mergeloom.device import compute_on
 from stages import common
 
 
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         p, rt, pretrained=args.pretrained, pretrained_visual=args.pretrained_visual,
         data_dir=args.data_dir, heads_dir=args.heads_dir,
     )  # fmt: skip
+    with compute_on(rt["device"]):  # the weaves; scoring has its own device argument
+        woven = _weave_all(by_unit, score, args, cfg, hp)
+    common.write_json(args.out, woven)
+
+
+def _weave_all(by_unit: dict, score, args: argparse.Namespace, cfg: dict, hp: dict) -> dict:
+    """unit -> problem -> pool -> test scores and effective lambda of every woven update."""
     results: dict = {}
     for unit, problems in by_unit.items():
         for problem in problems:
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 del delta  # the next pool's weave must not find this one still held
                 results.setdefault(unit, {}).setdefault(problem.name, {})[pool] = {
                     "scores": scores, "effective_lam": lam_eff}  # fmt: skip
-    common.write_json(args.out, results)
+    return results
 
 
 if __name__ == "__main__":

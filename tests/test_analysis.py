@@ -347,3 +347,33 @@ def test_stage_names_mismatched_task_vector_files(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"parity.safetensors has 1 shape mismatch.*\(8, 5\)"):
         run_stage("multitask")
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_analyses_on_the_runtime_device(tmp_path, monkeypatch):
+    """describe runs inside compute_on(MERGELOOM_DEVICE); an absent device stops the stage."""
+    from mergeloom import device
+    from stages import analyze
+
+    monkeypatch.chdir(tmp_path)
+    write_setup(tmp_path, {"multitask": [random_state(0), random_state(1)],
+                           "multitask_names": ["digits", "parity"]})  # fmt: skip
+    asked, seen, describe = [], [], analysis.describe
+
+    def spy_describe(tvs, **kw):
+        seen.append(device.compute_device())
+        return describe(tvs, **kw)
+
+    def spy_compute_on(name):
+        asked.append(name)
+        return device.compute_on(name)
+
+    monkeypatch.setattr(analysis, "describe", spy_describe)
+    monkeypatch.setattr(analyze, "compute_on", spy_compute_on)
+    monkeypatch.setenv("MERGELOOM_DEVICE", "cpu")
+    run_stage("multitask")
+    assert asked == ["cpu"] and seen == [torch.device("cpu")]
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MERGELOOM_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="'cuda' asked for, but torch.cuda.is_available"):
+            run_stage("multitask")
+        assert seen == [torch.device("cpu")]  # nothing was analysed

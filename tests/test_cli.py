@@ -201,6 +201,58 @@ def test_bad_files(files, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize(
+    "command", [["merge", "tsv_m"], ["weave", "ties", "--lambdas", "0.2,0.6", "--pool", "max_abs"]]
+)
+def test_device_cpu_and_auto_without_cuda_write_the_default_bytes(files, tmp_path, capsys, command):
+    """The device is where the math runs, not a result: not recorded, CPU output unchanged."""
+    pretrained, experts = files
+    outputs = {}
+    for device in (None, "cpu", "auto"):
+        out = tmp_path / f"{device}.safetensors"
+        option = [] if device is None else ["--device", device]
+        args = [*command, "--pretrained", pretrained, "--experts", *experts, "--out", out]
+        assert run_cli([*args, *option], capsys)[0] == 0
+        outputs[device] = out.read_bytes()
+    assert outputs["cpu"] == outputs[None]
+    if not torch.cuda.is_available():
+        assert outputs["auto"] == outputs[None]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "--device 'gpu': expected auto, cpu, cuda or cuda:N"),
+     ("cuda", "--device 'cuda' asked for, but torch.cuda.is_available() is False")],
+)  # fmt: skip
+def test_bad_device_is_one_line_exit_2_before_reading(files, tmp_path, capsys, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    pretrained, _ = files
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli(
+        ["merge", "ties", "--pretrained", pretrained, "--experts", tmp_path / "missing",
+         "--out", out, "--device", device], capsys,
+    )  # fmt: skip
+    assert code == 2 and err == f"mergeloom: error: {message}\n"  # before the missing expert
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("command", [["merge", "tsv_m"], ["merge", "ties"],
+                                     ["weave", "ties", "--lambdas", "0.2,0.6"]])  # fmt: skip
+def test_device_cuda_matches_the_cpu(files, tmp_path, capsys, command):
+    pretrained, experts = files
+    paths = {d: tmp_path / f"{d}.safetensors" for d in ("cpu", "cuda")}
+    for device, out in paths.items():
+        args = [*command, "--pretrained", pretrained, "--experts", *experts, "--out", out]
+        assert run_cli([*args, "--device", device], capsys)[0] == 0
+    cpu, cuda = vectors.SafetensorsFile(paths["cpu"]), vectors.SafetensorsFile(paths["cuda"])
+    assert cuda.metadata == cpu.metadata and list(cuda) == list(cpu)
+    for key in cpu:
+        torch.testing.assert_close(cuda[key], cpu[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
 # ---------------------------------------------------------------- the installed entry point
 # Every option of every subcommand, run as the user runs it (a subprocess of the console
 # script), on small safetensors files; outputs are compared with the library called directly.

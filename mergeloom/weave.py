@@ -248,18 +248,20 @@ class _KeyPool:
         return _random_pool(raw, offset, direction, self.lambdas, choice)
 
 
-def pooled_in_one_pass(
+def _pooled_in_one_pass(
     name: str,
     task_vectors: Sequence[TensorMap],
     lambdas: Sequence[float],
     pool: str,
+    pool_fn: Pool,
     *,
     collaborative: bool,
     seed: int,
     hyperparameters: Mapping[str, object],
 ) -> StateDict:
     """Weight Weaving over lam with pool mean, random or max_abs, pooled inside the base
-    method's pass; a method that does not call its key hook is pooled in a second pass."""
+    method's pass; a method that does not call its key hook is pooled by ``pool_fn`` in a
+    second pass."""
     if pool == "random":
         methods.check_hyperparameters("random_mix", {"seed": seed})
     offset = _offset(name, task_vectors, hyperparameters)
@@ -270,9 +272,8 @@ def pooled_in_one_pass(
         return merged
     if pooler.keys:
         raise RuntimeError(f"weave: {name} pooled {len(pooler.keys)} of {len(merged)} keys")
-    n_candidates = len(lambdas) + (len(task_vectors) if collaborative else 0)
-    pool_fn = get_pool(pool, seed=seed, n_candidates=n_candidates)
-    return pool_fn((list(task_vectors) if collaborative else []) + _views(merged, offset, lambdas))
+    raw = list(task_vectors) if collaborative else []
+    return pool_fn(raw + _views(merged, offset, lambdas))
 
 
 def weave(
@@ -324,11 +325,12 @@ def weave(
     if closed_form and set(search_space) == {"lam"}:
         lambdas = [float(point["lam"]) for point in grid]
         if isinstance(pool, str) and pool in POOLS:
-            return pooled_in_one_pass(
+            return _pooled_in_one_pass(
                 method,
                 task_vectors,
                 lambdas,
                 pool,
+                pool_fn,
                 collaborative=collaborative,
                 seed=seed,
                 hyperparameters=hyperparameters,

@@ -223,6 +223,8 @@ def test_bad_weave_input(task_vectors):
         weave("tie", task_vectors, {"lam": LAMBDAS}, "mean")
     with pytest.raises(TypeError, match="densty"):
         weave("ties", task_vectors, {"densty": [0.1]}, "mean")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        weave("ties", task_vectors, {"lam": LAMBDAS}, "random", seed=0.5)
 
 
 # ---------------------------------------------------------------- pooling inside the method's pass

@@ -573,3 +573,183 @@ def test_breadcrumbs_band_matches_stable_ranking_with_ties(density, gamma):
     ranks[values.abs().argsort(stable=True)] = torch.arange(n)
     expected = (ranks >= n_bottom) & (ranks < n - n_top)
     assert torch.equal(methods._band_mask(values, density, gamma), expected)
+
+
+# ---------------------------------------------------------------- exact fast paths (issue 13)
+# The spectral methods take their leading singular triplets and polar factors from float64
+# eigendecompositions of Gram matrices, PCB streams cache-sized chunks and Breadcrumbs masks
+# in place: they must give the authors' direct algorithms' merges (below: the code before).
+
+
+def _authors_polar(matrix):
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def _authors_matrix_merge(name, stack, lam=1.0):
+    """A spectral method's merge of one 2-D key as the authors compute it: full SVDs."""
+    n_tasks = len(stack)
+    if name == "tsv_m":
+        d = min(stack.shape[1:]) // n_tasks
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+        u_cat = torch.cat(list(u[:, :, :d]), dim=1)
+        vh_cat = torch.cat(list(vh[:, :d, :]), dim=0)
+        return (
+            lam * _authors_polar(u_cat) @ torch.diag(s[:, :d].reshape(-1)) @ _authors_polar(vh_cat)
+        )
+    if name == "iso_c":
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        return lam * s.mean() * (u @ vh)
+    if name == "iso_cts":  # common_space_fraction 0.8
+        r = min(stack.shape[1:])
+        common = int(r * 0.8)
+        specific = min(round((r - common) / n_tasks) * n_tasks, (r // n_tasks) * n_tasks)
+        common, d = r - specific, specific // n_tasks
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        u_c, vh_c = u[:, :common], vh[:common]
+        u_t, s_t, vh_t = torch.linalg.svd(stack - u_c @ (u_c.T @ stack), full_matrices=False)
+        u_all = torch.cat([*u_t[:, :, :d], u_c], dim=1)
+        vh_all = torch.cat([*vh_t[:, :d, :], vh_c], dim=0)
+        sigma = torch.cat([s_t[:, :d].reshape(-1), s[:common]]).mean()
+        return lam * sigma * (_authors_polar(u_all) @ _authors_polar(vh_all))
+    mean = stack.mean(0)  # cart, rank_ratio 0.12
+    rank = max(1, int(0.12 * min(stack.shape[1:])))
+    u, s, vh = torch.linalg.svd(stack - mean, full_matrices=False)
+    return mean + lam * ((u[:, :, :rank] * s[:, None, :rank]) @ vh[:, :rank, :]).sum(0)
+
+
+SPECTRAL = ["tsv_m", "iso_c", "iso_cts", "cart"]
+MATRIX_KEY = "blocks.0.attn.in_proj_weight"  # a CART key too
+
+
+def spectral_problem(n_tasks, shape, seed, decaying):
+    """Task matrices sharing a common part, with a decaying spectrum like fine-tuning
+    updates, or Gaussian noise (the benchmark's experts: many near-equal singular values)."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    r = min(m, n)
+    common = torch.randn(m, n, generator=g)
+    tvs = []
+    for _ in range(n_tasks):
+        if decaying:
+            spectrum = torch.logspace(0, -3, r)
+            own = torch.randn(m, r, generator=g) @ (
+                spectrum[:, None] * torch.randn(r, n, generator=g)
+            )
+            matrix = own + 0.3 * common
+        else:
+            matrix = torch.randn(m, n, generator=g)
+        tvs.append({MATRIX_KEY: matrix, "b": torch.randn(m, generator=g)})
+    return tvs
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", SPECTRAL)
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32), (6, 50)])
+@pytest.mark.parametrize("n_tasks", [3, 4])
+@pytest.mark.parametrize("decaying", [True, False])
+def test_spectral_methods_equal_the_authors_full_svds(name, shape, n_tasks, decaying):
+    tvs = spectral_problem(n_tasks, shape, seed=sum(shape) + n_tasks, decaying=decaying)
+    stack = torch.stack([tv[MATRIX_KEY] for tv in tvs])
+    merged = METHODS[name](tvs, lam=0.7)
+    assert merged[MATRIX_KEY].dtype == torch.float32
+    assert relative_error(merged[MATRIX_KEY], _authors_matrix_merge(name, stack, 0.7)) < 1e-4
+    # closer still to the same algorithm in float64: the float32 SVD is the larger error
+    truth = _authors_matrix_merge(name, stack.double(), 0.7)
+    assert relative_error(merged[MATRIX_KEY], truth) < 1e-6
+    scale = 1.0 if name == "cart" else 0.7  # CART keeps the plain mean outside its matrices
+    torch.testing.assert_close(merged["b"], scale * sum(tv["b"] for tv in tvs) / n_tasks)
+
+
+def test_top_svd_and_polar_are_a_float64_svd_where_well_conditioned():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(30, 20), (20, 30)]:
+        matrix = torch.randn(shape, generator=g)
+        p, s, qh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        u, s_k, vh = methods._top_svd(matrix, 5)
+        assert u.dtype == s_k.dtype == vh.dtype == torch.float64
+        torch.testing.assert_close(s_k, s[:5], rtol=1e-12, atol=0)
+        truncated = (p[:, :5] * s[:5]) @ qh[:5]
+        torch.testing.assert_close((u * s_k) @ vh, truncated, rtol=0, atol=1e-12)
+        torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+        polar, singular_values = methods._polar(matrix)
+        torch.testing.assert_close(polar, p @ qh, rtol=0, atol=1e-12)
+        torch.testing.assert_close(singular_values, s, rtol=1e-12, atol=0)
+        assert methods._top_svd(matrix, 0)[0].shape == (shape[0], 0)
+
+
+def test_top_svd_and_polar_use_the_svd_below_the_gram_precision():
+    # rank 2: the 3rd singular value and the polar factor's null space are not in the Gram's
+    # float64 digits; the float32 SVD gives them, exactly as the authors' code
+    g = torch.Generator().manual_seed(1)
+    rank_two = torch.randn(30, 2, generator=g) @ torch.randn(2, 20, generator=g)
+    p, s, qh = torch.linalg.svd(rank_two, full_matrices=False)
+    u, s_k, vh = methods._top_svd(rank_two, 3)
+    assert torch.equal(u, p[:, :3].double()) and torch.equal(vh, qh[:3].double())
+    assert torch.equal(s_k, s[:3].double())
+    polar, singular_values = methods._polar(rank_two)
+    assert torch.equal(polar, (p @ qh).double()) and torch.equal(singular_values, s.double())
+    zero = torch.zeros(4, 6)
+    assert torch.equal(methods._top_svd(zero, 2)[1], torch.zeros(2, dtype=torch.float64))
+
+
+def test_spectral_methods_on_degenerate_keys():
+    tv = spectral_problem(1, (12, 20), seed=2, decaying=True)[0]
+    same = [tv, tv]  # identical experts: CART's centred matrices are exactly zero
+    torch.testing.assert_close(methods.cart(same)[MATRIX_KEY], tv[MATRIX_KEY], rtol=0, atol=0)
+    # a rank-deficient sum (zero rows): Iso-C's polar factor from the authors' float32 SVD
+    tvs = spectral_problem(3, (12, 20), seed=3, decaying=False)
+    for t in tvs:
+        t[MATRIX_KEY][8:] = 0
+    stack = torch.stack([t[MATRIX_KEY] for t in tvs])
+    merged = methods.iso_c(tvs)[MATRIX_KEY]
+    assert relative_error(merged, _authors_matrix_merge("iso_c", stack)) < 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scope": "per_tensor"}, {"frozen_zeros": 50}])
+def test_pcb_in_chunks_equals_pcb_on_whole_keys(kwargs, task_vectors, monkeypatch):
+    """PCB streams (T, _PCB_CHUNK) column chunks through its statistics and its merge; the
+    radix selection regroups them into blocks (stats._blocks): nothing may change."""
+    monkeypatch.setattr(stats, "_SORT_BELOW", 0)  # the radix path, not a plain sort
+    monkeypatch.setattr(methods, "_PCB_CHUNK", 1 << 30)
+    whole_keys = methods.pcb(task_vectors, ratio=0.3, clip=0.05, **kwargs)
+    monkeypatch.setattr(methods, "_PCB_CHUNK", 5)
+    monkeypatch.setattr(stats, "_BLOCK", 16)
+    chunked = methods.pcb(task_vectors, ratio=0.3, clip=0.05, **kwargs)
+    close(chunked, whole_keys, rtol=0, atol=0)
+    assert sum(int((v != 0).sum()) for v in chunked.values()) > 0
+
+
+def test_order_statistics_of_many_small_chunks_are_exact(monkeypatch):
+    """Small chunks are regrouped into blocks and their histogram updates pooled in a buffer
+    that is counted when full: still the values a sort gives, ties included."""
+    monkeypatch.setattr(stats, "_BLOCK", 1 << 12)
+    values = torch.randn(2, 600_000, generator=torch.Generator().manual_seed(5))
+    values[:, :1000] = 0.5
+    chunks = lambda: (values[:, i : i + 777] for i in range(0, values.shape[1], 777))  # noqa: E731
+    ranks = [[0, 1234, 300_000, 599_999], [5, 450_000]]
+    ordered = values.sort().values
+    expected = [[ordered[r, k].item() for k in row] for r, row in enumerate(ranks)]
+    assert stats.order_statistics(chunks, ranks, count=600_000) == expected
+
+
+def test_breadcrumbs_masks_in_place_yet_a_key_hook_gets_the_raw_task_vectors(task_vectors):
+    kwargs = {"lam": 1.0, "density": 0.5, "gamma": 0.1}
+    seen = {}
+
+    def hook(key, stack, delta, index):
+        seen[key] = stack.clone()
+        return delta
+
+    with methods.key_hook(hook):
+        hooked = methods.breadcrumbs(task_vectors, **kwargs)
+    plain = methods.breadcrumbs(task_vectors, **kwargs)
+    for key in task_vectors[0]:
+        stack = torch.stack([tv[key] for tv in task_vectors])
+        assert torch.equal(seen[key], stack), key
+        masks = torch.stack([methods._row_band_mask(tv, 0.5, 0.1) for tv in stack])
+        assert torch.equal(plain[key], (stack * masks).sum(0)), key  # the authors' sum
+        assert torch.equal(hooked[key], plain[key]), key

@@ -628,20 +628,35 @@ def magmax(task_vectors: Sequence[TensorMap], *, lam: float = 0.5) -> StateDict:
     return merged
 
 
-def largest_magnitude(stack: torch.Tensor) -> torch.Tensor:
-    """Per element, the entry of ``stack`` (T, ...) of largest magnitude; the later row wins
-    ties (MagMax's rule, also Weight Weaving's max_abs pool).
+def largest_magnitude(stack: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """Per element, the entry of largest magnitude among the rows of ``stack`` (T, ...) and
+    then ``more`` (each shaped like a row); the later row wins ties (MagMax's rule, also Weight
+    Weaving's max_abs pool).
 
-    The winner is the max or the min (two reductions; ``aminmax`` over dim 0 is slower here).
-    Where they tie in magnitude with opposite signs (0 and -0 too) or are NaN, the row order
-    decides: those few entries go through the running comparison.
+    The winner is the max or the min, told apart by the sign of their sum (exact: a float sum
+    is 0 only for x = -y). Where they tie in magnitude with opposite signs (0 and -0 too) or
+    the sum is NaN, the row order decides: those few entries go through the running rule.
     """
-    low, high = stack.amin(0), stack.amax(0)
-    best = torch.where(high >= -low, high, low)
-    unsure = (high == -low) | high.isnan() | low.isnan()
+    high, low = stack.amax(0), stack.amin(0)  # aminmax over dim 0 is slower here
+    for row in more:
+        torch.maximum(high, row, out=high)
+        torch.minimum(low, row, out=low)
+    total = high + low
+    best = select(total >= 0, high, low)
+    unsure = (total.abs() > 0).logical_not_()  # a sum of 0 or NaN
     if unsure.any():
-        best[unsure] = _running_largest_magnitude(stack[:, unsure])
+        rows = [stack[:, unsure], *(row[unsure][None] for row in more)]
+        best[unsure] = _running_largest_magnitude(torch.cat(rows))
     return best
+
+
+def select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, a, b)`` for float32 ``a`` and ``b`` of one shape, by bit masks: the
+    same bits, ~4x faster than torch.where's CPU kernel here (a hot step of MagMax, random
+    mixing and Weight Weaving's pools)."""
+    a_bits, b_bits = a.view(torch.int32), b.view(torch.int32)
+    ones = mask.to(torch.int32).neg_()  # every bit set where mask holds
+    return b_bits.bitwise_xor(a_bits).bitwise_and_(ones).bitwise_xor_(b_bits).view(torch.float32)
 
 
 def _running_largest_magnitude(stack: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def _random_pool(
     if raw is None:
         return view
     picked = raw.gather(0, choice.clamp(max=n_raw - 1)[None])[0]
-    return torch.where(choice < n_raw, picked, view, out=view)
+    return methods.select(choice < n_raw, picked, view)
 
 
 def _max_abs_pool(
@@ -198,10 +198,10 @@ def _max_abs_pool(
     ascending = all(a <= b for a, b in itertools.pairwise(lambdas))
     descending = all(a >= b for a, b in itertools.pairwise(lambdas))
     ends = [lambdas[0], lambdas[-1]] if ascending or descending else lambdas
-    rows = [_view(offset, direction, lam) for lam in ends]
-    if raw is not None:
-        rows.insert(0, methods.largest_magnitude(raw))
-    return methods.largest_magnitude(torch.stack(rows))
+    views = [_view(offset, direction, lam) for lam in ends]
+    if raw is None:
+        return methods.largest_magnitude(views[0][None], *views[1:])
+    return methods.largest_magnitude(raw, *views)
 
 
 class _KeyPool:

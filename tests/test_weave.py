@@ -327,6 +327,14 @@ def test_closed_pools_equal_pooling_the_candidates(seed, affine, lambdas):
         torch.testing.assert_close(_mean_pool(r, offset, direction, lambdas), stack.mean(0))
 
 
+def test_select_is_torch_where_bit_for_bit():
+    a, b = integer_ties(0), integer_ties(1)
+    a.view(-1)[::9], b.view(-1)[::13] = float("nan"), -float("inf")
+    mask = integer_ties(2) > 0
+    assert torch.equal(methods.select(mask, a, b).view(torch.int32),
+                       torch.where(mask, a, b).view(torch.int32))  # fmt: skip
+
+
 def test_random_choice_draws_are_the_int64_draws():
     """random_mix and the random pool draw int32 indices: the values torch draws as int64."""
     for n, shape in [(3, (7, 5)), (28, (1000,)), (70_000, (300,)), (5, ())]:
@@ -341,10 +349,12 @@ def test_largest_magnitude_is_the_running_rule(seed):
     if seed % 2:
         rows.view(-1)[:: 7 + seed] = float("nan")
         rows.view(-1)[:: 11 + seed] = -float("inf")
-    got, expected = methods.largest_magnitude(rows), reference_max_abs(rows)
-    assert torch.equal(got.isnan(), expected.isnan())
-    keep = ~got.isnan()
-    assert torch.equal(got[keep].view(torch.int32), expected[keep].view(torch.int32))
+    expected = reference_max_abs(rows)
+    for split in range(1, len(rows) + 1):  # the first rows as a stack, the others one by one
+        got = methods.largest_magnitude(rows[:split], *rows[split:])
+        assert torch.equal(got.isnan(), expected.isnan())
+        keep = ~got.isnan()
+        assert torch.equal(got[keep].view(torch.int32), expected[keep].view(torch.int32))
 
 
 @pytest.mark.parametrize("name", HOOKED)

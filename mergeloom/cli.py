@@ -92,9 +92,6 @@ def parse_assignments(pairs: Sequence[str], option: str) -> dict[str, object]:
     return out
 
 
-# YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number.
-
-
 def check_hyperparameters(name: str, given: Mapping[str, object]) -> None:
     """Names first (listing what the method takes), then values by the method's own checks,
     so `--set k=abc` fails before any tensor is read."""

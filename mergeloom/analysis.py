@@ -4,8 +4,10 @@ Definitions: docs/methods.md#analysis.
 
 Inputs are task vectors as mappings key -> tensor (lazy on disk or in memory) with equal keys and
 shapes; nothing holds more than one key of every task at once, so eight ViT-L-sized vectors fit
-in a few GB. Sums are accumulated in float64. Every measure is a pure function; ``describe``
-gathers them into one JSON-ready summary of a set of task vectors.
+in a few GB. Each key is computed on ``compute_device()`` (mergeloom.device) and sums are
+accumulated there in float64; results come back to the CPU. Every measure is a pure function;
+``describe`` gathers them into one JSON-ready summary of a set of task vectors, reading the task
+vectors once for all of them (after the two passes that find the top-k thresholds).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from mergeloom.device import compute_device
 from mergeloom.stats import order_statistics
 from mergeloom.vectors import TaskVector, TensorMap, check_compatible, shape_of
 
 SPECTRUM_GRID = tuple(i / 20 for i in range(1, 21))  # rank fractions of the energy curves
 PAIRWISE_NOTE = "pairwise measures (cosine, sign conflicts, overlap, interference) need 2+ tasks"
 _HEAD = 10_000  # depth() of keys after the last block
+_CHUNK_BYTES = 1 << 22  # of one float32 (T, columns) chunk of an element-wise measure
 _BLOCK = re.compile(r"(?:resblocks|blocks|layers?|layer)\.(\d+)\.")
 
 
@@ -68,8 +73,36 @@ def _check(task_vectors: Sequence[TensorMap]) -> list[str]:
     return list(task_vectors[0])
 
 
-def _stack(task_vectors: Sequence[TensorMap], key: str) -> torch.Tensor:
-    return torch.stack([tv[key].float() for tv in task_vectors])  # (T, *shape)
+def _stack(
+    task_vectors: Sequence[TensorMap], key: str, device: torch.device | None = None
+) -> torch.Tensor:
+    """(T, *shape) float32 stack of one key on ``device`` (default: the compute device)."""
+    stack = torch.stack([tv[key].float() for tv in task_vectors])
+    return stack.to(compute_device() if device is None else device)
+
+
+def _column_chunks(stack: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(T, columns) views of a stack flattened per task, a few MB each, for the element-wise
+    measures. Their temporaries then stay below glibc's mmap threshold (32 MB at most) and reuse
+    heap pages, where temporaries of a whole ViT key are fresh mappings whose page faults cost
+    more than the arithmetic on them (~0.5 s/GB here)."""
+    flat = stack.reshape(len(stack), -1)
+    return flat.split(max(1, _CHUNK_BYTES // (4 * len(stack))), dim=1)
+
+
+class _Measure(Protocol):
+    def add(self, key: str, stack: torch.Tensor) -> None: ...
+
+
+def _stream(
+    task_vectors: Sequence[TensorMap], keys: Sequence[str], measures: Sequence[_Measure], desc: str
+) -> None:
+    """One pass over the task vectors: each key's stack is read once and given to every
+    measure (reading dominates simple measures: a ViT-B/32 pass over 8 experts reads 3 GB)."""
+    for key in tqdm(keys, desc=desc, unit="tensor", leave=False, disable=None):
+        stack = _stack(task_vectors, key)
+        for measure in measures:
+            measure.add(key, stack)
 
 
 def increments(task_vectors: Sequence[TensorMap]) -> list[TensorMap]:
@@ -86,14 +119,26 @@ def increments(task_vectors: Sequence[TensorMap]) -> list[TensorMap]:
 # ---------------------------------------------------------------- correlation
 
 
+class _Grams:
+    """key -> (T, T) float64 inner products <tau_i[key], tau_j[key]>, on the CPU."""
+
+    def __init__(self) -> None:
+        self.grams: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, stack: torch.Tensor) -> None:
+        t = len(stack)
+        gram = torch.zeros(t, t, dtype=torch.float64, device=stack.device)
+        for chunk in _column_chunks(stack):
+            chunk = chunk.double()
+            gram += chunk @ chunk.T
+        self.grams[key] = gram.cpu()
+
+
 def gram_per_key(task_vectors: Sequence[TensorMap]) -> dict[str, torch.Tensor]:
     """key -> (T, T) float64 inner products <tau_i[key], tau_j[key]>; all cosines derive from it."""
-    keys = _check(task_vectors)
-    grams = {}
-    for key in tqdm(keys, desc="inner products", unit="tensor", leave=False, disable=None):
-        stack = _stack(task_vectors, key).reshape(len(task_vectors), -1).double()
-        grams[key] = stack @ stack.T
-    return grams
+    grams = _Grams()
+    _stream(task_vectors, _check(task_vectors), [grams], "inner products")
+    return grams.grams
 
 
 def total_gram(
@@ -190,24 +235,106 @@ def _energy_curve(singular_values: torch.Tensor) -> list[float]:
 
 
 def singular_task_interference(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, d: int | None = None
 ) -> tuple[float, float]:
     """TSV's interference ||(U^T U - I) S (V^T V - I)||_1 (entry-wise), and ||S||_1.
 
-    Takes the batched thin SVD (T, m, r), (T, r), (T, r, n) of the T tasks' matrices.
-    U = [U_1 | ... | U_T] concatenates each task's top d = max(1, r // T) left singular vectors
-    by columns (TSV-M's allocation; docs/methods.md#sti documents why not FusionBench's row
+    Takes the batched thin SVD (T, m, r), (T, r), (T, r, n) of the T tasks' matrices, or only
+    its first ``d`` singular triplets with ``d`` given (the default is max(1, r // T)).
+    U = [U_1 | ... | U_T] concatenates each task's top d left singular vectors by columns
+    (TSV-M's allocation; docs/methods.md#sti documents why not FusionBench's row
     concatenation), V likewise, S = blockdiag(S_1, ..., S_T). Orthogonal task subspaces give 0.
     """
     t, m, r = u.shape
     n = vh.shape[2]
-    d = max(1, r // t)
+    d = max(1, r // t) if d is None else d
     u = u[:, :, :d].double().permute(1, 0, 2).reshape(m, t * d)
     v = vh[:, :d, :].double().transpose(1, 2).permute(1, 0, 2).reshape(n, t * d)
     sigma = s[:, :d].double().reshape(-1)
-    eye = torch.eye(t * d, dtype=torch.float64)
+    eye = torch.eye(t * d, dtype=torch.float64, device=u.device)
     interference = ((u.T @ u - eye) * sigma[None, :]) @ (v.T @ v - eye)
     return float(interference.abs().sum()), float(sigma.abs().sum())
+
+
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    """Singular values (..., r), descending, of float64 matrices (..., m, n) with n <= m.
+
+    They are the square roots of the eigenvalues of the (n, n) Gram matrix: an
+    eigendecomposition of the smaller side costs a fraction of an SVD, and in float64 it gives
+    every singular value above ~1e-7 of the largest at least as accurately as a float32 SVD
+    of the (float32) task vectors does.
+    """
+    return torch.linalg.eigvalsh(x.mT @ x).flip(-1).clamp(min=0).sqrt()
+
+
+def top_singular_triplets(
+    x: torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All singular values (T, r) of float64 matrices (T, m, n) with n <= m, and the top ``d``
+    left and right singular vectors (T, m, d), (T, d, n), from the Gram matrix as
+    ``singular_values``. Directions whose singular value is below the float32 rank tolerance
+    (r_max * eps * s_max, numpy's matrix_rank) are set to zero vectors: their directions are
+    arbitrary (an SVD's completion), so they carry no interference.
+    """
+    values, vectors = torch.linalg.eigh(x.mT @ x)
+    s = values.flip(-1).clamp(min=0).sqrt()
+    v = vectors[..., -d:].flip(-1)  # (T, n, d), descending
+    top = s[:, :d]
+    tolerance = s[:, :1] * max(x.shape[-2:]) * torch.finfo(torch.float32).eps
+    kept = top > tolerance
+    u = x @ v / torch.where(kept, top, torch.ones_like(top))[:, None, :]
+    return s, u * kept[:, None, :], (v * kept[:, None, :]).mT
+
+
+def _key_spectra(stack: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], tuple | None]:
+    """kind -> singular values (rows, r) on the CPU, and (interference, mass) for 2+ tasks."""
+    x = stack.double()
+    if x.shape[1] < x.shape[2]:
+        x = x.mT  # the Gram matrix of the smaller side; interference is symmetric in U and V
+    t, r = len(x), x.shape[2]
+    if t < 2:
+        return {"uncentered": singular_values(x).cpu(), "centered": None,
+                "sum": singular_values(x.sum(0)).cpu()[None]}, None  # fmt: skip
+    singular, u, vh = top_singular_triplets(x, max(1, r // t))
+    values = {
+        "uncentered": singular.cpu(),
+        "centered": singular_values(x - x.mean(0)).cpu(),
+        "sum": singular_values(x.sum(0)).cpu()[None],
+    }
+    return values, singular_task_interference(u, singular, vh, d=u.shape[2])
+
+
+class _Spectra:
+    """Rank measures of every weight matrix, per task uncentred and centred, and of the sum."""
+
+    def __init__(self, energy_top: Sequence[float]) -> None:
+        self.energy_top = energy_top
+        self.found: dict[str, list[dict]] = {"uncentered": [], "centered": [], "sum": []}
+        self.curves: dict[str, list[list[float]]] = {kind: [] for kind in self.found}
+        self.matrices, self.sti, self.sigma_mass = 0, 0.0, 0.0
+
+    def add(self, key: str, stack: torch.Tensor) -> None:
+        if not _is_matrix(key, stack.shape[1:]):
+            return
+        self.matrices += 1
+        values, interference = _key_spectra(stack)
+        for kind, rows in values.items():
+            for s in rows if rows is not None else []:
+                if (summary := spectrum_summary(s, self.energy_top)) != {}:
+                    self.found[kind].append(summary)
+                    self.curves[kind].append(_energy_curve(s))
+        if interference is not None:
+            self.sti += interference[0]
+            self.sigma_mass += interference[1]
+
+    def result(self, tasks: int) -> dict:
+        out = {kind: _mean_dicts(rows) for kind, rows in self.found.items() if rows}
+        out["curves"] = {kind: _mean_lists(c) for kind, c in self.curves.items() if c}
+        out["matrices"] = self.matrices
+        if tasks > 1 and self.sigma_mass > 0:
+            relative = self.sti / self.sigma_mass
+            out["singular_task_interference"] = {"total": self.sti, "relative": relative}
+        return out
 
 
 def spectra(task_vectors: Sequence[TensorMap], energy_top: Sequence[float]) -> dict:
@@ -219,31 +346,9 @@ def spectra(task_vectors: Sequence[TensorMap], energy_top: Sequence[float]) -> d
     """
     keys = _check(task_vectors)
     matrices = [k for k in keys if _is_matrix(k, shape_of(task_vectors[0], k))]
-    found: dict[str, list[dict]] = {"uncentered": [], "centered": [], "sum": []}
-    curves: dict[str, list[list[float]]] = {kind: [] for kind in found}
-    sti, sigma_mass = 0.0, 0.0
-    for key in tqdm(matrices, desc="spectra", unit="matrix", leave=False, disable=None):
-        stack = _stack(task_vectors, key)  # (T, m, n)
-        u, singular, vh = torch.linalg.svd(stack, full_matrices=False)  # spectra and STI
-        values = {
-            "uncentered": singular,
-            "centered": torch.linalg.svdvals(stack - stack.mean(0)) if len(stack) > 1 else None,
-            "sum": torch.linalg.svdvals(stack.sum(0))[None],
-        }
-        for kind, rows in values.items():
-            for s in rows if rows is not None else []:
-                if (summary := spectrum_summary(s, energy_top)) != {}:
-                    found[kind].append(summary)
-                    curves[kind].append(_energy_curve(s))
-        if len(stack) > 1:
-            key_sti, key_mass = singular_task_interference(u, singular, vh)
-            sti, sigma_mass = sti + key_sti, sigma_mass + key_mass
-    out = {kind: _mean_dicts(rows) for kind, rows in found.items() if rows}
-    out["curves"] = {kind: _mean_lists(c) for kind, c in curves.items() if c}
-    out["matrices"] = len(matrices)
-    if len(task_vectors) > 1 and sigma_mass > 0:
-        out["singular_task_interference"] = {"total": sti, "relative": sti / sigma_mass}
-    return out
+    measure = _Spectra(energy_top)
+    _stream(task_vectors, matrices, [measure], "spectra")
+    return measure.result(len(task_vectors))
 
 
 def _mean_dicts(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -275,7 +380,8 @@ def magnitude_thresholds(
 
     The threshold is the (d - floor(d k))-th smallest |tau| (TIES's order statistic), and the
     strict comparison keeps exactly floor(d k) entries when magnitudes are distinct (TIES keeps
-    one more); k = 1 gives 0, which keeps every non-zero entry.
+    one more); k = 1 gives 0, which keeps every non-zero entry. The selection runs on the CPU
+    (mergeloom.stats).
     """
     keys, fractions = _check(task_vectors), _check_fractions(fractions)
     t, d = len(task_vectors), sum(math.prod(shape_of(task_vectors[0], k)) for k in keys)
@@ -283,7 +389,8 @@ def magnitude_thresholds(
     wanted = sorted({r for r in ranks if r >= 0})
     values = [[] for _ in range(t)]
     if wanted:
-        chunks = lambda: (_stack(task_vectors, k).reshape(t, -1).abs() for k in keys)  # noqa: E731
+        cpu = torch.device("cpu")
+        chunks = lambda: (_stack(task_vectors, k, cpu).reshape(t, -1).abs() for k in keys)  # noqa: E731
         values = order_statistics(chunks, [wanted] * t, count=d)
     at = [dict(zip(wanted, row, strict=True)) for row in values]
     return torch.tensor([[at[i].get(r, 0.0) for r in ranks] for i in range(t)], dtype=torch.float64)
@@ -292,27 +399,36 @@ def magnitude_thresholds(
 class _Counts:
     """Running counts of one top-k level over the keys (float64: exact to 2**53)."""
 
-    def __init__(self, t: int):
-        self.both = torch.zeros(t, t, dtype=torch.float64)  # |M_i & M_j|
-        self.agree = torch.zeros(t, t, dtype=torch.float64)  # same sign minus opposite sign
-        self.kept_mass = torch.zeros(t, dtype=torch.float64)
-        self.multi = torch.zeros(t, dtype=torch.float64)  # coords kept by 2+ of the first t tasks
-        self.conflicted = torch.zeros(t, dtype=torch.float64)  # ... with both signs among them
-        self.usage = torch.zeros(t + 1, dtype=torch.float64)  # coords kept by exactly c tasks
+    def __init__(self, t: int, device: torch.device):
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.both = zeros(t, t)  # |M_i & M_j|
+        self.agree = zeros(t, t)  # same sign minus opposite sign
+        self.kept_mass = zeros(t)
+        self.multi = zeros(t)  # coords kept by 2+ of the first t tasks
+        self.conflicted = zeros(t)  # ... with both signs among them
+        self.usage = zeros(t + 1)  # coords kept by exactly c tasks
 
-    def add(self, stack: torch.Tensor, magnitude: torch.Tensor, threshold: torch.Tensor) -> None:
-        kept = magnitude > threshold[:, None].float()  # (T, n)
-        signs = torch.sign(stack) * kept
-        kept_f = kept.float()  # per-key counts < 2**24, exact in float32
-        self.both += (kept_f @ kept_f.T).double()
-        self.agree += (signs @ signs.T).double()
-        self.kept_mass += (magnitude * kept).sum(1, dtype=torch.float64)
-        positive, negative = (signs > 0).cumsum(0), (signs < 0).cumsum(0)  # (T, n) first t tasks
-        self.multi += ((positive + negative) >= 2).sum(1).double()
-        self.conflicted += ((positive > 0) & (negative > 0)).sum(1).double()
-        self.usage += torch.bincount(
-            positive[-1] + negative[-1], minlength=len(self.usage)
-        ).double()
+    def add(self, signs: torch.Tensor, magnitude: torch.Tensor, threshold: torch.Tensor) -> None:
+        """One chunk: ``signs`` and ``magnitude`` (T, n) of its entries, float32."""
+        kept = (magnitude > threshold[:, None]).float()  # (T, n); kept entries are non-zero
+        kept_signs = signs * kept
+        self.both += (kept @ kept.T).double()  # per-chunk counts < 2**24, exact in float32
+        self.agree += (kept_signs @ kept_signs.T).double()
+        self.kept_mass += (magnitude * kept).sum(1).double()
+        # Per coordinate, over the first t tasks: kept count k and (positives - negatives) s,
+        # by one matmul each with a lower-triangular matrix of ones (small integers: exact).
+        # Kept by 2+ tasks: k >= 2; with both signs: |s| < k.
+        first = torch.ones(len(kept), len(kept), device=kept.device).tril()
+        counts, balance = first @ kept, first @ kept_signs
+        self.multi += (counts >= 2).sum(1)
+        self.conflicted += (balance.abs() < counts).sum(1)
+        self.usage += torch.bincount(counts[-1].long(), minlength=len(self.usage))
+
+    def cpu(self) -> _Counts:
+        """These counts, moved to the CPU for the summary."""
+        for name, value in vars(self).items():
+            setattr(self, name, value.cpu())
+        return self
 
 
 def _pairwise_rates(counts: _Counts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -324,6 +440,43 @@ def _pairwise_rates(counts: _Counts) -> tuple[torch.Tensor, torch.Tensor, torch.
     return conflict, both / safe(union) * (union > 0), both / safe(sizes)[:, None]
 
 
+class _Redundancy:
+    """Per top-k level counts, |tau| mass and MagMax winners, one key at a time."""
+
+    def __init__(self, t: int, levels: list[float], thresholds: torch.Tensor):
+        device = compute_device()
+        self.levels, self.thresholds = levels, thresholds.float().to(device)  # (T, K), exact
+        self.counts = [_Counts(t, device) for _ in levels]
+        self.mass = torch.zeros(t, dtype=torch.float64, device=device)
+        self.winners = torch.zeros(t, dtype=torch.float64, device=device)
+        self.coordinates = 0
+
+    def add(self, key: str, stack: torch.Tensor) -> None:
+        for chunk in _column_chunks(stack):
+            magnitude, signs = chunk.abs(), chunk.sign()
+            self.mass += magnitude.sum(1).double()
+            self.winners += torch.bincount(_magmax_owner(magnitude), minlength=len(chunk))
+            self.coordinates += chunk.shape[1]
+            for level, counts in enumerate(self.counts):
+                counts.add(signs, magnitude, self.thresholds[:, level])
+
+    def result(self) -> dict:
+        counts = [c.cpu() for c in self.counts]
+        return _redundancy_summary(self.levels, counts, self.mass.cpu(), self.winners.cpu(),
+                                   self.coordinates)  # fmt: skip
+
+
+def _magmax_owner(magnitude: torch.Tensor) -> torch.Tensor:
+    """The task MagMax takes each coordinate with a non-zero entry from: the largest |tau|, ties
+    to the later task. A running maximum over the tasks (argmax over dim 0 is strided)."""
+    largest = magnitude[0].clone()
+    owner = torch.zeros(magnitude.shape[1], dtype=torch.int64, device=magnitude.device)
+    for i in range(1, len(magnitude)):
+        owner.masked_fill_(magnitude[i] >= largest, i)
+        torch.maximum(largest, magnitude[i], out=largest)
+    return owner[largest > 0]
+
+
 def redundancy(task_vectors: Sequence[TensorMap], fractions: Sequence[float]) -> dict:
     """Sign conflicts, top-k mask overlap, mass share, parameter usage and MagMax provenance.
 
@@ -332,20 +485,9 @@ def redundancy(task_vectors: Sequence[TensorMap], fractions: Sequence[float]) ->
     Returns per level the summary scalars, and (T, T) matrices under "matrices".
     """
     keys, levels = _check(task_vectors), _check_fractions([*fractions, 1.0])
-    t = len(task_vectors)
-    thresholds = magnitude_thresholds(task_vectors, levels)  # (T, K)
-    counts = [_Counts(t) for _ in levels]
-    mass, winners, coordinates = torch.zeros(t, dtype=torch.float64), torch.zeros(t), 0
-    for key in tqdm(keys, desc="redundancy", unit="tensor", leave=False, disable=None):
-        stack = _stack(task_vectors, key).reshape(t, -1)
-        magnitude = stack.abs()
-        mass += magnitude.sum(1, dtype=torch.float64)
-        owner = t - 1 - magnitude.flip(0).argmax(0)  # MagMax: ties go to the later task
-        winners += torch.bincount(owner[magnitude.amax(0) > 0], minlength=t)
-        coordinates += stack.shape[1]
-        for level, c in enumerate(counts):
-            c.add(stack, magnitude, thresholds[:, level])
-    return _redundancy_summary(levels, counts, mass, winners, coordinates)
+    measure = _Redundancy(len(task_vectors), levels, magnitude_thresholds(task_vectors, levels))
+    _stream(task_vectors, keys, [measure], "redundancy")
+    return measure.result()
 
 
 def _redundancy_summary(levels: list[float], counts: list[_Counts], mass: torch.Tensor,
@@ -407,11 +549,13 @@ def layer_profile(grams: Mapping[str, torch.Tensor]) -> list[dict]:
 
 def correlation(task_vectors: Sequence[TensorMap]) -> dict:
     """Norms, cosine matrix (whole, per group, per layer), alignment and stack effective rank."""
-    grams = gram_per_key(task_vectors)
+    return _correlation_summary(gram_per_key(task_vectors), len(task_vectors))
+
+
+def _correlation_summary(grams: Mapping[str, torch.Tensor], t: int) -> dict:
     gram = total_gram(grams)
     cosine = cosine_from_gram(gram)
     by_group = cosine_by(grams, parameter_group)
-    t = len(task_vectors)
     return {
         "norms": gram.diagonal().sqrt().tolist(),
         "cosine_mean_off_diagonal": mean_off_diagonal(cosine),
@@ -431,14 +575,19 @@ def describe(task_vectors: Sequence[TensorMap], *, topk: Sequence[float] = (0.05
     With a single task only norms and spectra are defined; the pairwise entries are left out and
     ``note`` says so.
     """
-    _check(task_vectors)
-    _check_fractions(topk)
+    keys, t = _check(task_vectors), len(task_vectors)
+    levels = [*_check_fractions(topk), 1.0]
     _check_fractions(energy_top)
-    out = {"tasks": len(task_vectors), "correlation": correlation(task_vectors),
-           "spectra": spectra(task_vectors, energy_top)}  # fmt: skip
-    if len(task_vectors) < 2:
+    grams, spectral = _Grams(), _Spectra(energy_top)
+    measures: list[_Measure] = [grams, spectral]
+    if t > 1:
+        measures.append(_Redundancy(t, levels, magnitude_thresholds(task_vectors, levels)))
+    _stream(task_vectors, keys, measures, "analysis")
+    out = {"tasks": t, "correlation": _correlation_summary(grams.grams, t),
+           "spectra": spectral.result(t)}  # fmt: skip
+    if t < 2:
         out["correlation"] = {"norms": out["correlation"]["norms"]}
         out["note"] = PAIRWISE_NOTE
         return out
-    out["redundancy"] = redundancy(task_vectors, topk)
+    out["redundancy"] = measures[-1].result()
     return out

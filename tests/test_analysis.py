@@ -147,6 +147,66 @@ def test_singular_task_interference_is_zero_for_orthogonal_subspaces():
     assert overlapping > 0.1
 
 
+def decaying(t: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """(T, m, n) float32 matrices whose singular values fall over four decades, as task vectors'
+    spectra do (small singular values are the hard case for a Gram matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    q1 = torch.linalg.qr(torch.randn(t, m, r, generator=g, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(t, n, r, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -4, r, dtype=torch.float64) * (1 + torch.rand(t, r, generator=g))
+    return ((q1 * s[:, None, :]) @ q2.mT).float()
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 12), (3, 12, 40), (2, 16, 16), (8, 30, 9)])
+def test_gram_spectra_and_interference_match_a_direct_svd(shape):
+    """The Gram-matrix route gives the singular values (raw, centred, summed) and the singular
+    task interference of an SVD of the same float32 matrices, tall or wide."""
+    stack = decaying(*shape)
+    x = stack.double()
+    values, (sti, mass) = analysis._key_spectra(stack)
+    svdvals = torch.linalg.svdvals
+    direct = {"uncentered": svdvals(x), "centered": svdvals(x - x.mean(0)),
+              "sum": svdvals(x.sum(0))[None]}  # fmt: skip
+    for kind, want in direct.items():
+        got = values[kind]
+        assert got.shape == want.shape and got.device.type == "cpu"
+        top = want[:, :1]  # absolute accuracy relative to each matrix's largest singular value
+        assert ((got - want).abs() / top).max() < 1e-7, kind
+        assert ((got - want).abs() / want)[want > 1e-3 * top].max() < 1e-7, kind
+    want_sti, want_mass = analysis.singular_task_interference(
+        *torch.linalg.svd(x, full_matrices=False)
+    )
+    assert sti == pytest.approx(want_sti, rel=1e-7) and mass == pytest.approx(want_mass, rel=1e-9)
+
+
+def test_spectra_summaries_match_summaries_of_a_direct_svd():
+    energy_top = [0.1, 0.5]
+    tall, wide = decaying(3, 24, 8, seed=1), decaying(3, 6, 20, seed=2)
+    tvs = [{"a.weight": tall[i], "b.weight": wide[i]} for i in range(3)]
+    got = analysis.spectra(tvs, energy_top)
+    for kind in ("uncentered", "centered", "sum"):
+        rows = []
+        for key in ("a.weight", "b.weight"):
+            x = torch.stack([tv[key] for tv in tvs]).double()
+            x = {"uncentered": x, "centered": x - x.mean(0), "sum": x.sum(0)[None]}[kind]
+            rows += [analysis.spectrum_summary(s, energy_top) for s in torch.linalg.svdvals(x)]
+        want = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        assert got[kind] == pytest.approx(want, rel=1e-6), kind
+
+
+def test_null_directions_carry_no_interference():
+    """Rank-one tasks with two directions each: the second has singular value 0 and arbitrary
+    singular vectors in an SVD; it counts as absent (zero vectors), as if d were 1."""
+    g = torch.Generator().manual_seed(5)
+    stack = torch.stack([torch.outer(torch.randn(6, generator=g), torch.randn(4, generator=g))
+                         for _ in range(2)])  # (2, 6, 4): r = 4, d = 2  # fmt: skip
+    _, (sti, _) = analysis._key_spectra(stack)
+    u, s, vh = torch.linalg.svd(stack.double(), full_matrices=False)
+    assert sti == pytest.approx(analysis.singular_task_interference(u, s, vh, d=1)[0], rel=1e-6)
+    assert sti > 0
+
+
 def test_interference_enters_the_spectra_summary_only_for_two_or_more_tasks():
     m = {"m": torch.randn(6, 5, generator=torch.Generator().manual_seed(0))}
     assert "singular_task_interference" not in analysis.spectra([m], [0.1])

@@ -437,3 +437,26 @@ def test_stage_analyses_on_the_runtime_device(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="'cuda' asked for, but torch.cuda.is_available"):
             run_stage("multitask")
         assert seen == [torch.device("cpu")]  # nothing was analysed
+
+
+def numbers(node: object) -> list[float]:
+    """Every number of a describe() result, in a fixed order (tensors must be on the CPU)."""
+    if isinstance(node, dict):
+        return [x for k in sorted(node, key=str) for x in numbers(node[k])]
+    if isinstance(node, list | tuple):
+        return [x for v in node for x in numbers(v)]
+    if isinstance(node, torch.Tensor):
+        assert node.device.type == "cpu"
+        return node.flatten().tolist()
+    return [node] if isinstance(node, int | float) else []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_describe_on_cuda_matches_the_cpu(task_vectors):
+    from mergeloom.device import compute_on
+
+    cpu = analysis.describe(task_vectors)
+    with compute_on("cuda"):
+        cuda = analysis.describe(task_vectors)
+    assert numbers(cuda) == pytest.approx(numbers(cpu), rel=1e-5, abs=1e-9, nan_ok=True)

@@ -1,13 +1,19 @@
 """Merge benchmark: wall time and peak RSS of every method on 8 ViT-B-32-shaped experts.
 
     .venv/bin/python bench/merge_bench.py [--fusionbench] [--methods ties tsv_m ...]
+        [--baseline-src DIR] [--no-weave] [--no-markdown]
 
 Each measurement runs in its own process (peak RSS from wait4, a watchdog kills runs above
 --rss-limit-gb and records where). "wall_s" is load + merge + save inside the process, without
 interpreter and import start-up, for us and for FusionBench alike (bench/fusionbench_runner.py).
 Weave runs use 20 lambdas (0.05:1.0:0.05), collaborative, with the streaming library and with a
 naive version that materialises every candidate model, side by side in the same run.
-Results: bench/results/merge_bench.json and the table between the markers in BENCHMARKS.md.
+--baseline-src runs each merge a second time with the mergeloom package of another checkout
+(e.g. a git worktree of an earlier commit), right after ours, and compares the two merged
+deltas key by key (largest relative Frobenius difference): before/after in the same run.
+Results: bench/results/merge_bench.json (entries of the methods run replace earlier ones, each
+with its command and date) and the table between the markers in BENCHMARKS.md, unless
+--no-markdown.
 """
 
 from __future__ import annotations
@@ -39,7 +45,11 @@ MARK_START, MARK_END = "<!-- merge_bench:start -->", "<!-- merge_bench:end -->"
 # ---------------------------------------------------------------- child side (one measurement)
 
 
-def child(kind: str, method: str, pool: str, experts_dir: Path, out: Path) -> None:
+def child(
+    kind: str, method: str, pool: str, experts_dir: Path, out: Path, src: Path | None
+) -> None:
+    if src is not None:  # another checkout's mergeloom (--baseline-src)
+        sys.path.insert(0, str(src))
     start = time.perf_counter()
     from mergeloom import methods, vectors, weave
 
@@ -104,7 +114,9 @@ def measure(cmd: list[str], rss_limit: float) -> dict:
         lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
         error_tail = err.read().strip().splitlines()[-1:] or [""]
     peak = max(polled[0], usage.ru_maxrss / 2**20)  # ru_maxrss is in KiB on Linux
-    result = {"process_s": round(process_s, 2), "peak_rss_gb": round(peak, 2)}
+    cpu_s = usage.ru_utime + usage.ru_stime  # whole process, both cores: less disturbed by load
+    result = {"process_s": round(process_s, 2), "process_cpu_s": round(cpu_s, 2),
+              "peak_rss_gb": round(peak, 2)}  # fmt: skip
     if killed[0]:
         return {**result, "status": f"killed at {peak:.1f} GB (limit {rss_limit:g} GB)"}
     if os.waitstatus_to_exitcode(status) != 0 or not lines:
@@ -114,13 +126,44 @@ def measure(cmd: list[str], rss_limit: float) -> dict:
     return {**result, **timings, "status": "ok"}
 
 
-def ours(kind: str, method: str, pool: str, experts: Path, work: Path, limit: float) -> dict:
-    out = work / f"out_{kind}_{method}_{pool}.safetensors"
+def ours(
+    kind: str,
+    method: str,
+    pool: str,
+    experts: Path,
+    work: Path,
+    limit: float,
+    src: Path | None = None,
+    keep: bool = False,
+) -> dict:
+    """One measurement of this checkout's mergeloom (or ``src``'s); ``keep`` keeps the output
+    (its path is returned as "out")."""
+    tag = "baseline" if src else "ours"
+    out = work / f"out_{tag}_{kind}_{method}_{pool}.safetensors"
     cmd = [sys.executable, __file__, "--child", kind, method, pool, "--experts-dir", str(experts),
-           "--child-out", str(out)]  # fmt: skip
+           "--child-out", str(out)] + (["--child-src", str(src)] if src else [])  # fmt: skip
     result = measure(cmd, limit)
+    if keep and result["status"] == "ok":
+        return {**result, "out": str(out)}
     out.unlink(missing_ok=True)
     return result
+
+
+def largest_difference(a: Path, b: Path, pretrained: Path) -> float:
+    """max over keys of |delta_a - delta_b| / |delta_b| (Frobenius), delta = merged - pretrained."""
+    from mergeloom.vectors import SafetensorsFile
+
+    base, left, right = SafetensorsFile(pretrained), SafetensorsFile(a), SafetensorsFile(b)
+    worst = 0.0
+    for key in base:
+        if not base[key].is_floating_point():
+            continue
+        p = base[key].double()
+        reference = right[key].double() - p
+        difference = (left[key].double() - p - reference).norm().item()
+        scale = reference.norm().item()
+        worst = max(worst, difference / scale if scale > 0 else difference)
+    return worst
 
 
 def fusionbench(method: str, experts: Path, work: Path, limit: float) -> dict:
@@ -149,20 +192,30 @@ def fmt(result: dict | None) -> tuple[str, str]:
 
 def markdown(results: dict, command: str) -> str:
     merge, fb = results["merge"], results.get("fusionbench", {})
+    baseline = results.get("baseline", {})
     lines = [
         f"Command: `{command}` ({results['when']}, {results['machine']}); "
         f"{results['params']:,} params per expert, {results['experts']} experts.",
         "",
         "| method | mergeloom s | mergeloom peak RSS GB | FusionBench s | "
-        "FusionBench peak RSS GB | time ours/FB |",
-        "|---|---|---|---|---|---|",
+        "FusionBench peak RSS GB | time ours/FB | before s | before GB | ours/before | "
+        "max rel. diff to before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in merge.items():
         ours_s, ours_gb = fmt(result)
         fb_s, fb_gb = fmt(fb.get(name))
         ok = result["status"] == "ok" and fb.get(name, {}).get("status") == "ok"
         ratio = f"{seconds(result) / seconds(fb[name]):.2f}" if ok else "n/a"
-        lines.append(f"| {name} | {ours_s} | {ours_gb} | {fb_s} | {fb_gb} | {ratio} |")
+        before = baseline.get(name)
+        before_s, before_gb = fmt(before)
+        ok = result["status"] == "ok" and (before or {}).get("status") == "ok"
+        speedup = f"{seconds(result) / seconds(before):.2f}" if ok else "n/a"
+        diff = f"{result['max_rel_diff']:.1e}" if "max_rel_diff" in result else "n/a"
+        lines.append(
+            f"| {name} | {ours_s} | {ours_gb} | {fb_s} | {fb_gb} | {ratio} | "
+            f"{before_s} | {before_gb} | {speedup} | {diff} |"
+        )
     lines += [
         "",
         "Weave over 20 lambdas (collaborative), streaming vs naive (every candidate "
@@ -200,12 +253,26 @@ def main() -> None:
     ap.add_argument("--no-weave", dest="weave", action="store_false")
     ap.add_argument("--rss-limit-gb", type=float, default=14.0)
     ap.add_argument("--render", action="store_true", help="only re-render the saved results")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also time each merge with the mergeloom package under this checkout "
+        "(e.g. a git worktree of an earlier commit) and compare the outputs",
+    )
+    ap.add_argument(
+        "--no-markdown",
+        dest="markdown",
+        action="store_false",
+        help="write bench/results/merge_bench.json only, not BENCHMARKS.md",
+    )
     ap.add_argument("--child", nargs=3, metavar=("KIND", "METHOD", "POOL"), help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--child-src", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     experts = args.experts_dir or args.work_dir / "experts"
     if args.child:
-        return child(*args.child, experts, args.child_out)
+        return child(*args.child, experts, args.child_out, args.child_src)
     saved = ROOT / "bench" / "results" / "merge_bench.json"
     if args.render:
         results = json.loads(saved.read_text())
@@ -221,9 +288,22 @@ def main() -> None:
     if args.fusionbench:
         subprocess.run(["bash", str(ROOT / "bench" / "setup_fusionbench.sh")], check=True)
     names = args.methods or list(methods.METHODS)
-    results: dict = {"merge": {}, "fusionbench": {}, "weave": {}, "naive_weave": {}}
+    results: dict = {"merge": {}, "fusionbench": {}, "baseline": {}, "weave": {}, "naive_weave": {}}
     for name in names:
-        results["merge"][name] = ours("merge", name, "-", experts, args.work_dir, args.rss_limit_gb)
+        keep = args.baseline_src is not None
+        result = ours("merge", name, "-", experts, args.work_dir, args.rss_limit_gb, keep=keep)
+        results["merge"][name] = result
+        if keep:
+            before = ours("merge", name, "-", experts, args.work_dir, args.rss_limit_gb,
+                          src=args.baseline_src, keep=True)  # fmt: skip
+            results["baseline"][name] = before
+            if "out" in result and "out" in before:
+                result["max_rel_diff"] = largest_difference(
+                    Path(result["out"]), Path(before["out"]), experts / "pretrained.safetensors"
+                )
+            for measured in (result, before):
+                Path(measured.pop("out", "")).unlink(missing_ok=True)
+            print("  baseline", before, flush=True)
         print(name, results["merge"][name], flush=True)
         if args.fusionbench and name in FUSIONBENCH_METHODS:
             fb = fusionbench(name, experts, args.work_dir, args.rss_limit_gb)
@@ -247,9 +327,25 @@ def main() -> None:
         machine=f"{psutil.cpu_count()} CPUs, {memory_gib:.0f} GiB",
     )
     results["command"] = ("python bench/merge_bench.py " + " ".join(sys.argv[1:])).strip()
+    results = merged_with_saved(results, saved)
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(results, indent=1, sort_keys=True))
-    update_benchmarks_md(markdown(results, results["command"]))
+    if args.markdown:
+        update_benchmarks_md(markdown(results, results["command"]))
+
+
+def merged_with_saved(results: dict, saved: Path) -> dict:
+    """This run's entries, stamped with its command and date, over the saved ones: rerunning
+    some methods keeps the measurements of the others."""
+    for table in ("merge", "fusionbench", "baseline", "weave", "naive_weave"):
+        for entry in results[table].values():
+            entry.update(command=results["command"], when=results["when"])
+    if not saved.exists():
+        return results
+    previous = json.loads(saved.read_text())
+    for table in ("merge", "fusionbench", "baseline", "weave", "naive_weave"):
+        results[table] = {**previous.get(table, {}), **results[table]}
+    return results
 
 
 if __name__ == "__main__":

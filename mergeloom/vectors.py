@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 StateDict = dict[str, torch.Tensor]
 TensorMap = Mapping[str, torch.Tensor]
@@ -45,10 +46,12 @@ _DTYPES = {
 class SafetensorsFile(Mapping[str, torch.Tensor]):
     """Read-only mapping over one safetensors file; each access reads one tensor.
 
-    Tensors are read with plain file reads rather than safe_open's memory map: pages touched
-    through a map stay in the process's RSS until it is closed (a merge of 8 ViT-B experts
-    then shows ~4.5 GB) and page faults cost ~3.6 s/GB on these machines, while ``readinto``
-    copies from the page cache at memory speed. The header is the format's JSON, validated.
+    The header is the format's JSON, validated here first, so a file that is not safetensors
+    fails with one line that says what it is. A tensor is then read by the safetensors library
+    with ``pread`` (``backend="pread"``), not its default memory map: pages touched through a
+    map stay in the process's RSS until it is closed (a merge of 8 ViT-B experts then shows
+    ~4.5 GB). ``read_into`` reads straight into the caller's buffer, which the library cannot
+    do (bench/io_bench.py measures both against the library).
     ``cache_last`` keeps the last tensor read, for a pretrained file that every task vector
     subtracts in turn (callers must not modify returned tensors then).
     """
@@ -72,6 +75,10 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             raise ValueError(
                 f"cannot read safetensors file {self.path}: its header JSON is nested too deeply"
             ) from None
+        try:
+            self._reader = safe_open(self.path, framework="pt", backend="pread")
+        except SafetensorError as err:  # what our checks let through: overlapping tensors...
+            raise ValueError(f"cannot read safetensors file {self.path}: {err}") from None
         self._keys = sorted(self._entries)
         self._cache_last = cache_last
         self._last: tuple[str, torch.Tensor] | None = None
@@ -80,16 +87,12 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        entry = self._entries[key]
-        start, end = entry["data_offsets"]
-        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
-        buffer = bytearray(end - start)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._data_start + start)
-            if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"cannot read safetensors file {self.path}: {key!r} truncated")
-        tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        tensor = self._check(tensor.reshape(shape), key)
+        if key not in self._entries:
+            raise KeyError(key)
+        try:
+            tensor = self._check(self._reader.get_tensor(key), key)
+        except SafetensorError as err:  # e.g. the file was truncated after it was opened
+            raise ValueError(f"cannot read safetensors file {self.path}: {key!r}: {err}") from None
         if self._cache_last:
             self._last = (key, tensor)
         return tensor
@@ -187,6 +190,7 @@ def _read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise ValueError(f"__metadata__ is {_short(metadata)}; expected an object of strings")
     for key, entry in header.items():
         _check_entry(key, entry, size - 8 - length)
+    _check_layout(header, size - 8 - length)
     return header, metadata, 8 + length
 
 
@@ -215,6 +219,22 @@ def _check_entry(key: str, entry: object, data_size: int) -> None:
             f"{key!r} has data offsets {offsets} that do not fit {dtype} of shape {shape} "
             f"in {data_size} data bytes"
         )
+
+
+def _check_layout(header: Mapping[str, dict], data_size: int) -> None:
+    """The tensors fill the data section in order, without gaps, overlaps or trailing bytes,
+    as the format (and the library's reader) requires."""
+    end = 0
+    for key, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, stop = entry["data_offsets"]
+        if start != end:
+            raise ValueError(
+                f"{key!r} has data offsets {entry['data_offsets']} where {end} was expected: "
+                "tensors must fill the data section in order, without gaps or overlaps"
+            )
+        end = stop
+    if end != data_size:
+        raise ValueError(f"its tensors fill {end} of its {data_size} data bytes; expected all")
 
 
 def _is_int(value: object) -> bool:

@@ -1,5 +1,7 @@
+import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -190,3 +192,69 @@ def test_save_never_replaces_a_directory_or_device(tmp_path):
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "pipe"]
     assert not any((tmp_path / "d").iterdir())
+
+
+def crafted(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "data", "message"),
+    [
+        ({"a": [0, 4], "b": [0, 4]}, 4, r"'b' has data offsets \[0, 4\] where 4 was expected"),
+        ({"a": [4, 8]}, 8, r"'a' has data offsets \[4, 8\] where 0 was expected"),
+        ({"a": [0, 4]}, 8, r"its tensors fill 4 of its 8 data bytes; expected all"),
+    ],
+)
+def test_tensors_must_tile_the_data_section(tmp_path, offsets, data, message):
+    """Overlaps, gaps and trailing bytes: the format forbids them and the library's reader
+    refuses them; our header check names the tensor, in one line."""
+    path = tmp_path / "x.safetensors"
+    crafted(path, {k: {"dtype": "F32", "shape": [1], "data_offsets": o}
+                   for k, o in offsets.items()}, b"\0" * data)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=rf"^cannot read safetensors file .*x.safetensors: {message}"
+    ):
+        vectors.SafetensorsFile(path)
+    empty_first = {"e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+                   "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}  # fmt: skip
+    crafted(path, empty_first, b"\0" * 4)
+    assert {k: v.tolist() for k, v in vectors.SafetensorsFile(path).items()} == {
+        "a": [0.0],
+        "e": [],
+    }
+
+
+def test_reads_map_nothing_and_check_each_key_once(tmp_path, monkeypatch):
+    """No memory map of the file (its touched pages would stay in the RSS), and the NaN/Inf
+    check runs once per key however often and however the key is read."""
+    path = tmp_path / "m.safetensors"
+    vectors.save(vit_like(0), path)
+    checked = []
+    check = vectors.check_finite
+    monkeypatch.setattr(
+        vectors, "check_finite", lambda t, k, s: checked.append(k) or check(t, k, s)
+    )
+    source = vectors.SafetensorsFile(path)
+    for key in source:
+        for _ in range(2):
+            assert torch.equal(source[key], vit_like(0)[key])
+            out = torch.empty(source.shape(key))
+            source.read_into(key, out)
+            assert torch.equal(out, vit_like(0)[key])
+    assert sorted(checked) == sorted(vit_like(0))
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(path) not in maps.read_text()
+
+
+def test_a_file_truncated_after_opening_fails_naming_it(tmp_path):
+    path = tmp_path / "t.safetensors"
+    vectors.save({"w": torch.ones(1000)}, path)
+    source = vectors.SafetensorsFile(path)
+    os.truncate(path, 200)
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*t.safetensors: 'w'"):
+        source["w"]
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*t.safetensors: 'w'"):
+        source.read_into("w", torch.empty(1000))

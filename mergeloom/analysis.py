@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from mergeloom.device import compute_device
+from mergeloom.progress import progress
 from mergeloom.stats import order_statistics
 from mergeloom.vectors import TaskVector, TensorMap, check_compatible, shape_of
 
@@ -99,7 +99,7 @@ def _stream(
 ) -> None:
     """One pass over the task vectors: each key's stack is read once and given to every
     measure (reading dominates simple measures: a ViT-B/32 pass over 8 experts reads 3 GB)."""
-    for key in tqdm(keys, desc=desc, unit="tensor", leave=False, disable=None):
+    for key in progress(keys, desc=desc, unit="tensor", leave=False):
         stack = _stack(task_vectors, key)
         for measure in measures:
             measure.add(key, stack)

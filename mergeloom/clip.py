@@ -7,8 +7,10 @@ normalized here, so callers never need to know a model's mean and std.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -132,8 +134,9 @@ def load_clip(
     Args:
         model: An open_clip architecture name (``"ViT-B-32"``) or the path of a model config
             JSON, which is registered with open_clip under its file stem.
-        pretrained: None for random init (seed the global RNG first), a checkpoint file, or an
-            open_clip tag such as ``"openai"`` (read from open_clip's local cache).
+        pretrained: None for random init (seed the global RNG first; open_clip's warning about
+            it is dropped), a checkpoint file, or an open_clip tag such as ``"openai"`` (read
+            from open_clip's local cache).
         device: Where the model lives.
         download: Let open_clip download a tag's weights that are not cached. Off by default:
             missing weights then fail at once, saying where they were looked for.
@@ -152,8 +155,33 @@ def load_clip(
             overrides["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
             if not download:
                 pretrained, overrides = _offline_weights(name, pretrained)
-    clip = open_clip.create_model(name, pretrained=pretrained, device=device, **overrides)
+    with _random_init_expected() if pretrained is None else contextlib.nullcontext():
+        clip = open_clip.create_model(name, pretrained=pretrained, device=device, **overrides)
     return clip.eval(), open_clip.get_tokenizer(name)
+
+
+_RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+
+
+def _not_random_init_warning(record: logging.LogRecord) -> bool:
+    return not (record.levelno == logging.WARNING and _RANDOM_INIT_WARNING in record.getMessage())
+
+
+@contextlib.contextmanager
+def _random_init_expected():
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    ``pretrained=None`` asks for random init: training from scratch, or (every fine-tuning,
+    head and merge stage) a model whose weights are loaded from our own files right after.
+    open_clip logs through the root logger, so the filter sits there, for this call only; it
+    sees root's own records, never those of named loggers (ours), and other warnings pass.
+    """
+    root = logging.getLogger()
+    root.addFilter(_not_random_init_warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_random_init_warning)
 
 
 def _float_state(module: torch.nn.Module) -> StateDict:

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from tqdm.auto import tqdm
 
 from mergeloom.device import compute_device
+from mergeloom.progress import progress
 from mergeloom.stats import order_statistics
 from mergeloom.vectors import StateDict, TensorMap, check_compatible, shape_of
 
@@ -115,7 +115,7 @@ def _prepare(task_vectors: Sequence[TensorMap], name: str) -> tuple[list[str], _
 
 
 def _progress(keys: Sequence[str], desc: str) -> Iterator[str]:
-    return iter(tqdm(keys, desc=desc, unit="tensor", leave=False, disable=None))
+    return progress(keys, desc=desc, unit="tensor", leave=False)
 
 
 def _check_range(

@@ -23,11 +23,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from mergeloom import loops
 from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, normalize_images
 from mergeloom.device import pick_device
+from mergeloom.progress import progress
 from mergeloom.tasks import labels_of
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def cosine_schedule(step: int, *, total: int, warmup: int) -> float:
         raise ValueError(f"cosine_schedule needs total >= 1 and warmup >= 0, got {total}, {warmup}")
     if step < warmup:
         return (step + 1) / warmup
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)  # clamped past the end
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    decayed = min((step - warmup) / max(total - warmup, 1), 1.0)  # clamped past the end
+    return 0.5 * (1.0 + math.cos(math.pi * decayed))
 
 
 def steps_for(n_images: int, batch_size: int, epochs: float) -> int:
@@ -106,7 +106,7 @@ def _scheduled(
     desc: str,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(step, batch indices)`` with the optimizer's learning rate set for that step."""
-    for step, idx in enumerate(tqdm(batches, total=steps, desc=desc, disable=None)):
+    for step, idx in enumerate(progress(batches, total=steps, desc=desc, unit="step")):
         factor = cosine_schedule(step, total=steps, warmup=warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = optimizer.defaults["lr"] * factor
@@ -318,27 +318,26 @@ def finetune(
         start = loops._resume(checkpoint, fingerprint, model, optimizer)
         sampler = loops.StepBatches(len(dataset), batch_size, steps, seed, start)
         batches = _train_batches(dataset, transform, sampler, device, num_workers)
-        progress = tqdm(batches, total=steps, initial=start, desc="finetune", disable=None)
-        with progress:
-            for step, (x, y) in enumerate(progress, start=start):
-                bad = y[(y < 0) | (y >= n_classes)]
-                if len(bad):
-                    raise ValueError(
-                        f"class-count mismatch: a label {int(bad[0])} in the data, but "
-                        f"the head has {n_classes} classes"
-                    )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, out = _train_step(model, head, x, y, optimizer, grad_clip, accumulate)
-                if log is not None:  # .item() syncs a GPU, so only when someone listens
-                    accuracy = (out.argmax(dim=1) == y).float().mean().item()
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
-                done = step + 1
-                due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
-                if checkpoint is not None and due:  # no checkpoint after the last step
-                    loops._save_resume(checkpoint, fingerprint, done, model, optimizer)
+        shown = progress(batches, total=steps, initial=start, desc="finetune", unit="step")
+        for step, (x, y) in enumerate(shown, start=start):
+            bad = y[(y < 0) | (y >= n_classes)]
+            if len(bad):
+                raise ValueError(
+                    f"class-count mismatch: a label {int(bad[0])} in the data, but "
+                    f"the head has {n_classes} classes"
+                )
+            for group in optimizer.param_groups:
+                group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, out = _train_step(model, head, x, y, optimizer, grad_clip, accumulate)
+            if log is not None:  # .item() syncs a GPU, so only when someone listens
+                accuracy = (out.argmax(dim=1) == y).float().mean().item()
+                lr_now = optimizer.param_groups[0]["lr"]
+                log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
+            done = step + 1
+            due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
+            if checkpoint is not None and due:  # no checkpoint after the last step
+                loops._save_resume(checkpoint, fingerprint, done, model, optimizer)
     finally:
         model.eval()
         for name, p in model.named_parameters():

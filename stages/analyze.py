@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup", required=True)
     for name in ("--task-vectors-dir", "--out", "--plots-dir"):
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("setups", "analysis")
     sets = task_vector_sets(args.setup, p["setups"], args.task_vectors_dir)
     if not sets:
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     spectra_outputs(results, args.plots_dir, args.setup)
     redundancy_outputs(pairwise, p["analysis"]["topk"], args.plots_dir, args.setup)
     common.write_json(args.out, {k: scalars(r, tasks[k]) for k, r in results.items()})
+    common.log.info("%s: analysed %s task vectors; wrote %s and %s", args.setup,
+                    ", ".join(results), args.out, args.plots_dir)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
                  "--experts-dir", "--out"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("model", "data", "setups")
     rt = common.runtime()
     by_unit, score = scoring.for_units(
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
                          "experts": {t: score(sets, visual=vectors.load(e))
                                      for t, e in experts.items()}}  # fmt: skip
     common.write_json(args.out, results)
+    n_experts = sum(len(r["experts"]) for r in results.values())
+    common.log.info("scored zero-shot and %d experts on %d units; wrote %s", n_experts,
+                    len(results), args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Two kinds of settings:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -30,8 +31,8 @@ from mergeloom import vectors, yamlio
 
 PARAMS = Path("params.yaml")
 SHAPE_PREFIX = "# pipeline shape: "
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("stages")
+OUR_LOGGERS = ("stages", "mergeloom")
 
 
 # ---------------------------------------------------------------- params
@@ -354,8 +355,27 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping], fieldnames: Sequ
     _atomic_text(Path(path), write)
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """Our INFO lines (one per stage: what it did, where it wrote) and everyone's warnings;
+    other libraries' INFO lines (open_clip's model building) only when ``verbose``."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # unless one is set up
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A stage's arguments plus `-v/--verbose`, with logging set up for it."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show other libraries' INFO lines")  # fmt: skip
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main; bad input ends with one line naming it, and exit status 2."""
+    setup_logging()
     try:
         main()
     except ValueError as err:

@@ -20,7 +20,7 @@ from stages import common
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("model", "data", "setups")
     d = p["data"]
     splits = data.digit_splits(val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True)
     for name in ("--init", "--pretrained", "--head", "--data-dir", "--out", "--logs"):
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("model", "data", "setups", "finetune")
     rt = common.runtime()
     units = setups.units(p["setups"])
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         live.summary |= {"task": args.task, "steps": n_steps}
     vectors.save(state, args.out, metadata={"task": args.task, "init": str(args.init),
                                             "steps": str(n_steps)})  # fmt: skip
+    common.log.info("fine-tuned %s/%s for %d steps from %s; wrote %s", args.unit, args.task,
+                    n_steps, args.init, args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mergeloom import methods, protocol, scoring, vectors, weave
 from mergeloom.device import compute_on
+from mergeloom.progress import progress
 from stages import common
 
 
@@ -39,16 +40,16 @@ def _merge_all(by_unit: dict, score, args: argparse.Namespace, hp: dict,
     """(unit -> problem -> default and sweep results, the sweep's CSV rows)."""
     method = methods.get(args.method)
     results, rows = {}, []
-    for unit, problems in by_unit.items():
-        for problem in problems:
-            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
-                       for t in problem.members]  # fmt: skip
-            default = score(problem.eval_sets, delta=method(members, **hp))
-            result = sweep(score, members, args.method, hp, lambdas, problem)
-            results.setdefault(unit, {})[problem.name] = {"default": default, **result}
-            rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
-                     for lam, sets in result["curves"].items()
-                     for s, acc in sets.items()]  # fmt: skip
+    pairs = [(unit, problem) for unit, problems in by_unit.items() for problem in problems]
+    for unit, problem in progress(pairs, desc=args.method, unit="problem", leave=False):
+        members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
+                   for t in problem.members]  # fmt: skip
+        default = score(problem.eval_sets, delta=method(members, **hp))
+        result = sweep(score, members, args.method, hp, lambdas, problem)
+        results.setdefault(unit, {})[problem.name] = {"default": default, **result}
+        rows += [{"unit": unit, "problem": problem.name, "lam": float(lam), "set": s, **acc}
+                 for lam, sets in result["curves"].items()
+                 for s, acc in sets.items()]  # fmt: skip
     return results, rows
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
                  "--task-vectors-dir", "--out", "--plot"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("model", "data", "setups", "sweep", "merge")
     if args.method not in p["merge"]["methods"]:
         raise ValueError(f"{args.method!r} is not in merge.methods {list(p['merge']['methods'])}")
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         results, rows = _merge_all(by_unit, score, args, hp, p["sweep"]["lambdas"])
     common.write_json(args.out, results)
     common.write_csv(args.plot, rows, ["unit", "problem", "lam", "set", "val", "test"])
+    n_problems = sum(len(r) for r in results.values())
+    common.log.info("%s: default and %d-lambda sweep on %d problems; wrote %s and %s", args.method,
+                    len(p["sweep"]["lambdas"]), n_problems, args.out, args.plot)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--out", "--visual-out", "--logs"):
         parser.add_argument(name, type=Path, required=True)
     parser.add_argument("--data", type=Path, help="captioned images (when training)")
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     m = common.load_params("model")["model"]
     for key in ("name", "pretrained"):  # a user's file DVC could delete is refused
         if m[key] and Path(m[key]).exists():
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     model.cpu()
     vectors.save(clip.full_state(model), args.out)
     vectors.save(clip.image_encoder_state(model), args.visual_out)
+    how = f"trained for {cfg['steps']} steps" if trained else f"exported from {m['pretrained']}"
+    common.log.info("theta_0 %s; wrote %s and %s", how, args.out, args.visual_out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("--pretrained-visual", "--experts-dir", "--out-dir"):
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("setups")
     for unit in setups.units(p["setups"]).values():
         experts = [args.experts_dir / unit.name / f"{t}.safetensors" for t in unit.tasks]
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         ):
             vectors.save({k: tv[k] for k in tv}, args.out_dir / unit.name / f"{task}.safetensors",
                          metadata={"unit": unit.name, "task": task})  # fmt: skip
+        common.log.info("wrote %d task vectors to %s", len(experts), args.out_dir / unit.name)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mergeloom import methods, scoring, vectors, weave
 from mergeloom.device import compute_on
+from mergeloom.progress import progress
 from stages import common
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("--pretrained", "--pretrained-visual", "--heads-dir", "--data-dir",
                  "--task-vectors-dir", "--out"):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("model", "data", "setups", "merge", "weave")
     cfg = p["weave"]
     if args.method not in cfg["methods"]:
@@ -47,31 +48,34 @@ def main(argv: list[str] | None = None) -> None:
     with compute_on(rt["device"]):  # the weaves; scoring has its own device argument
         woven = _weave_all(by_unit, score, args, cfg, hp)
     common.write_json(args.out, woven)
+    n_problems = sum(len(r) for r in woven.values())
+    common.log.info("%s: woven with %d pools on %d problems; wrote %s", args.method,
+                    len(cfg["pools"]), n_problems, args.out)  # fmt: skip
 
 
 def _weave_all(by_unit: dict, score, args: argparse.Namespace, cfg: dict, hp: dict) -> dict:
     """unit -> problem -> pool -> test scores and effective lambda of every woven update."""
     results: dict = {}
-    for unit, problems in by_unit.items():
-        for problem in problems:
-            members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
-                       for t in problem.members]  # fmt: skip
-            lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
-            for pool in cfg["pools"]:
-                delta = weave.weave(
-                    args.method,
-                    members,
-                    {"lam": cfg["lambdas"]},
-                    pool,
-                    collaborative=cfg["collaborative"],
-                    seed=cfg["seed"],
-                    hyperparameters=hp,
-                    pool_hyperparameters=cfg["pool_hyperparameters"].get(pool),
-                )
-                scores = score(problem.eval_sets, delta=delta, splits=("test",))
-                del delta  # the next pool's weave must not find this one still held
-                results.setdefault(unit, {}).setdefault(problem.name, {})[pool] = {
-                    "scores": scores, "effective_lam": lam_eff}  # fmt: skip
+    pairs = [(unit, problem) for unit, problems in by_unit.items() for problem in problems]
+    for unit, problem in progress(pairs, desc=args.method, unit="problem", leave=False):
+        members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
+                   for t in problem.members]  # fmt: skip
+        lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])
+        for pool in cfg["pools"]:
+            delta = weave.weave(
+                args.method,
+                members,
+                {"lam": cfg["lambdas"]},
+                pool,
+                collaborative=cfg["collaborative"],
+                seed=cfg["seed"],
+                hyperparameters=hp,
+                pool_hyperparameters=cfg["pool_hyperparameters"].get(pool),
+            )
+            scores = score(problem.eval_sets, delta=delta, splits=("test",))
+            del delta  # the next pool's weave must not find this one still held
+            results.setdefault(unit, {}).setdefault(problem.name, {})[pool] = {
+                "scores": scores, "effective_lam": lam_eff}  # fmt: skip
     return results
 
 

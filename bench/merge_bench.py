@@ -4,8 +4,10 @@
         [--baseline-src DIR] [--no-weave] [--no-markdown]
 
 Each measurement runs in its own process (peak RSS from wait4, a watchdog kills runs above
---rss-limit-gb and records where). "wall_s" is load + merge + save inside the process, without
-interpreter and import start-up, for us and for FusionBench alike (bench/fusionbench_runner.py).
+--rss-limit-gb and records where), right after a read of every input file, so both tools start
+from a warm page cache whatever ran before. "wall_s" is load + merge + save inside the
+process, without interpreter and import start-up, for us and for FusionBench alike
+(bench/fusionbench_runner.py).
 Weave runs use 20 lambdas (0.05:1.0:0.05), collaborative, with the streaming library and with a
 naive version that materialises every candidate model, side by side in the same run.
 --baseline-src runs each merge a second time with the mergeloom package of another checkout
@@ -84,6 +86,16 @@ def naive_weave(method: str, pool: str, pretrained: Path, experts: list[Path]) -
 # ---------------------------------------------------------------- parent side
 
 
+def warm_page_cache(experts: Path) -> None:
+    """Read every input file once, so each measured run starts from the page cache whatever the
+    run before it (or another process) evicted: the tools are compared on compute, not on disk."""
+    buffer = bytearray(64 * 2**20)
+    for path in sorted(experts.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
 def measure(cmd: list[str], rss_limit: float) -> dict:
     """Run one command; peak RSS from wait4, plus a watchdog that kills it above the limit."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -142,6 +154,7 @@ def ours(
     out = work / f"out_{tag}_{kind}_{method}_{pool}.safetensors"
     cmd = [sys.executable, __file__, "--child", kind, method, pool, "--experts-dir", str(experts),
            "--child-out", str(out)] + (["--child-src", str(src)] if src else [])  # fmt: skip
+    warm_page_cache(experts)
     result = measure(cmd, limit)
     if keep and result["status"] == "ok":
         return {**result, "out": str(out)}
@@ -172,6 +185,7 @@ def fusionbench(method: str, experts: Path, work: Path, limit: float) -> dict:
     cmd = [str(FUSIONBENCH_PYTHON), str(ROOT / "bench" / "fusionbench_runner.py"), "--method",
            method, "--pretrained", str(experts / "pretrained.safetensors"), "--experts", *files,
            "--out", str(out)]  # fmt: skip
+    warm_page_cache(experts)
     result = measure(cmd, limit)
     out.unlink(missing_ok=True)
     return result

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: repro test pipeline bench pr-report clean-venv
+.PHONY: repro test pipeline bench pr-report plots plots-diff clean-venv
 
 $(BIN)/mergeloom: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: $(BIN)/mergeloom
 BASE ?= main
 pr-report: $(BIN)/mergeloom
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/pr_report.py --base $(BASE)
+
+# The plots as one page that draws with no network (dvc_plots/index.html; README "Viewing the
+# plots"): `make plots` for the workspace, `make plots-diff BASE=main` against a revision.
+# CHECK=1 also opens the page in headless Chromium and fails unless every plot drew.
+plots: $(BIN)/mergeloom
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.plots_html $(if $(CHECK),--check)
+
+plots-diff: $(BIN)/mergeloom
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.plots_html $(BASE) $(if $(CHECK),--check)
 
 bench: $(BIN)/mergeloom
 	$(BIN)/python bench/merge_bench.py

@@ -48,8 +48,25 @@ PRE, VISUAL = "models/pretrained.safetensors", "models/pretrained_visual.safeten
 # also reads runtime settings (the datasets root), so it must run, not be restored.
 CHECKED = "reports/params_checked.txt"
 STAMP = "params.yaml passed `python -m stages.pipeline --check`\n"
-ANALYSIS_FILES = [f"{name}.{ext}" for name in ("cosine", "layers", "spectra", "redundancy")
-                  for ext in ("csv", "png")]  # fmt: skip
+ANALYSIS_FIGURES = ("cosine", "layers", "spectra", "redundancy")  # PNGs: image plots
+# The analysis CSVs for `dvc plots`, each through its template in .dvc/plots/ (which folds the
+# file's columns into series, so every kind of task vector gets its colour); plots, not plain
+# `outs`: an uncached plain output would keep the stage out of DVC's run-cache.
+ANALYSIS_PLOTS = {
+    "cosine": {"template": "cosine_heatmap", "x": "task_a", "y": "task_b",
+               "title": "${key}: task-vector cosine similarity", "x_label": "task",
+               "y_label": "task"},
+    "layers": {"template": "analysis_layers", "x": "depth",
+               "title": "${key}: mean cosine between task vectors per layer",
+               "x_label": "depth (-1 stem, last = head)", "y_label": "mean off-diagonal cosine"},
+    "spectra": {"template": "analysis_spectra", "x": "rank_fraction",
+                "title": "${key}: singular energy of task-vector matrices",
+                "x_label": "fraction of top singular directions",
+                "y_label": "share of the sum of squared singular values"},
+    "redundancy": {"template": "analysis_redundancy", "x": "k",
+                   "title": "${key}: redundancy of top-k masks",
+                   "x_label": "k (fraction of entries kept per task)", "y_label": "rate"},
+}  # fmt: skip
 FINETUNE_KEYS = ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "accumulate",
                  "checkpoint_every", "seed")  # fmt: skip
 
@@ -120,7 +137,8 @@ def render(folder: Path = Path(".")) -> str:
             [params["model"]["pretrained"]]
             if not trained and (folder / params["model"]["pretrained"]).is_file() else []),
         "params": ["model", *(["pretrain"] if trained else [])],
-        "outs": [PRE, VISUAL, "logs/pretrain"],
+        "outs": [PRE, VISUAL, "logs/pretrain/metrics.json"],
+        "plots": [training_curves("logs/pretrain", "pretraining")],
     }  # fmt: skip
     stages["heads"] = {
         "cmd": f"python -m stages.heads --pretrained {PRE} --data-dir data --out models/heads",
@@ -148,8 +166,10 @@ def render(folder: Path = Path(".")) -> str:
         "deps": code("stages.merge") + scoring + ["models/task_vectors"],
         "params": ["model", "data", "setups", "sweep", "merge.methods.${key}"],
         "metrics": [{"metrics/merge/${key}.json": {"cache": False}}],
-        "plots": [{"plots/sweep/${key}.csv": {"cache": False, "x": "lam",
-                                              "y": "val"}}]}}  # fmt: skip
+        "plots": [{"plots/sweep/${key}.csv": {
+            "cache": False, "template": "lambda_sweep", "x": "lam", "y": "test",
+            "title": "${key}: test accuracy vs lambda", "x_label": "lambda (log scale)",
+            "y_label": "test accuracy"}}]}}  # fmt: skip
     stages["weave"] = {"foreach": "${weave.methods}", "do": {
         "cmd": f"python -m stages.weave ${{item}} {model_args} --task-vectors-dir "
                "models/task_vectors --out metrics/weave/${item}.json",
@@ -166,7 +186,11 @@ def render(folder: Path = Path(".")) -> str:
             "deps": code("stages.analyze") + ["models/task_vectors"],
             "params": ["analysis", "setups.${key}"],
             "metrics": [{"metrics/analysis/${key}.json": {"cache": False}}],
-            "plots": [{f"plots/analysis/${{key}}/{f}": {"cache": False}} for f in ANALYSIS_FILES],
+            "plots": [
+                {f"plots/analysis/${{key}}/{n}.csv": {"cache": False, **props}}
+                for n, props in ANALYSIS_PLOTS.items()
+            ]
+            + [{f"plots/analysis/${{key}}/{n}.png": {"cache": False}} for n in ANALYSIS_FIGURES],
         },
     }
     stages["report"] = {
@@ -180,8 +204,7 @@ def render(folder: Path = Path(".")) -> str:
         "metrics": [{"metrics/summary.json": {"cache": False}}],
         "plots": [{"plots/report": {"cache": False}}]}  # fmt: skip
     shape = common.SHAPE_PREFIX + common.pipeline_shape(params) + "\n"
-    body = yaml.safe_dump({"stages": stages, "plots": top_plots(setups)}, sort_keys=False,
-                          width=100)  # fmt: skip
+    body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)
     return HEADER + shape + body
 
 
@@ -204,7 +227,8 @@ def finetune_stages(params: dict, code: list[str]) -> dict:
             "deps": [*code, PRE, VISUAL if init == VISUAL else init,
                      f"models/heads/{setup}/{item}.safetensors", *data],
             "params": ["model", "data", *extra, *keys, *length],
-            "outs": [out, f"logs/finetune/{unit}/{item}"],
+            "outs": [out, f"logs/finetune/{unit}/{item}/metrics.json"],
+            "plots": [training_curves(f"logs/finetune/{unit}/{item}", f"fine-tune {unit}/{item}")],
         }  # fmt: skip
 
     stages = {}
@@ -233,26 +257,10 @@ def finetune_stages(params: dict, code: list[str]) -> dict:
     return stages
 
 
-def top_plots(setups: dict) -> list:
-    """Top-level plot definitions, so `dvc plots show` / `dvc plots diff` draw the analysis."""
-    plots = []
-    for setup in setups:
-        folder = f"plots/analysis/{setup}"
-        kinds = ["individual"] + (["sequential", "sequential_increments"]
-                                  if setup == "continual" else [])  # fmt: skip
-        plots += [
-            {f"{setup}: mean cosine per layer": {
-                "x": "depth", "y": {f"{folder}/layers.csv": kinds},
-                "x_label": "depth (-1 stem, last = head)", "y_label": "mean off-diagonal cosine"}},
-            {f"{setup}: singular energy vs rank fraction": {
-                "x": "rank_fraction",
-                "y": {f"{folder}/spectra.csv": [f"{k}_{v}" for k in kinds
-                                                for v in ("uncentered", "centered")]}}},
-            {f"{setup}: top-k mask Jaccard": {
-                "x": "k", "y": {f"{folder}/redundancy.csv": ["jaccard_if_independent",
-                                                             *[f"{k}_jaccard" for k in kinds]]}}},
-        ]  # fmt: skip
-    return plots
+def training_curves(logs: str, title: str) -> dict:
+    """A stage's dvclive curves (one plot per logged metric, against the step); its
+    metrics.json stays a plain output, so no empty plot and no metric columns per expert."""
+    return {f"{logs}/plots/metrics": {"x": "step", "title": title}}
 
 
 def validate(params: dict) -> None:

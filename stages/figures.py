@@ -73,18 +73,22 @@ def line_panels(panels: Mapping[str, Series], path: str | os.PathLike, title: st
 
 def lambda_curves(panels: Mapping[str, Mapping], path: str | os.PathLike, title: str) -> None:
     """Accuracy vs lambda, one panel per method: thin line per task, bold average, and markers
-    for the data-free default (star), the oracle lambda (diamond) and weave pools (dashed)."""
+    for the data-free default (star, drawn over the hollow oracle diamond so both show where
+    they coincide) and weave pools (horizontal lines). One legend, right of the panels, holds
+    every series any panel draws."""
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows),
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns + 1.6, 2.9 * rows),
                                 squeeze=False, sharey=True, layout="constrained")  # fmt: skip
     for ax, (name, panel) in zip(axes.flat, panels.items(), strict=False):
         for label, (x, y) in panel["tasks"].items():
             ax.plot(x, y, linewidth=0.7, alpha=0.5, label=label)
         ax.plot(*panel["average"], color="black", linewidth=2, label="average")
+        ax.plot(*panel["oracle"], "D", markersize=9, markerfacecolor="none", markeredgewidth=1.5,
+                color="tab:purple", label="oracle (val)", zorder=4)  # fmt: skip
         if panel.get("default"):
-            ax.plot(*panel["default"], "*", color="tab:red", markersize=12, label="data-free")
-        ax.plot(*panel["oracle"], "D", color="tab:purple", markersize=7, label="oracle (val)")
+            ax.plot(*panel["default"], "*", color="tab:red", markersize=10, label="data-free",
+                    zorder=5)  # fmt: skip
         for i, (pool, accuracy) in enumerate(panel.get("weave", {}).items()):
             color, style = WEAVE_STYLES[i % len(WEAVE_STYLES)]
             ax.axhline(accuracy, linestyle=style, color=color, label=f"weave {pool}")
@@ -93,9 +97,11 @@ def lambda_curves(panels: Mapping[str, Mapping], path: str | os.PathLike, title:
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)),
-                  fontsize=7)  # fmt: skip
+    legend = {}  # label -> handle, over every panel: the first may lack the star or weave
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    figure.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=7)
     figure.supxlabel("lambda (log scale)", fontsize=8)
     figure.supylabel("test accuracy", fontsize=8)
     figure.suptitle(title, fontsize=10)
@@ -121,23 +127,27 @@ def boxes(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | os.Pa
     save(figure, path)
 
 
-def bars(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | os.PathLike,
+def dots(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | os.PathLike,
          title: str, xlabel: str) -> None:  # fmt: skip
-    """Grouped horizontal bars, one panel per unit: for each method, one bar per series."""
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 5.0), squeeze=False,
-                                layout="constrained")  # fmt: skip
+    """Ranking dot plot, one panel per unit: a row per method, sorted by its first series (best
+    on top), a marker per series. Dots, not bars: the axis spans the values, not 0 to the
+    largest, so differences of a point or two stay visible without bars that lie about length."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1.2, 4.6),
+                                squeeze=False, layout="constrained")  # fmt: skip
+    markers = "o^vsDPX"
     for ax, (name, methods) in zip(axes[0], panels.items(), strict=True):
-        labels = list(methods)
-        series = list(dict.fromkeys(s for m in methods.values() for s in m))
-        height = 0.8 / max(len(series), 1)
+        labels = sorted(methods, key=lambda m: next(iter(methods[m].values())))
+        fullest = sorted(methods.values(), key=len, reverse=True)  # its series order first
+        series = list(dict.fromkeys(s for m in fullest for s in m))
         for j, s in enumerate(series):
             values = [methods[m].get(s, float("nan")) for m in labels]
-            positions = [i + j * height for i in range(len(labels))]
-            ax.barh(positions, values, height=height, label=s)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
+            ax.plot(values, range(len(labels)), markers[j % len(markers)], linestyle="none",
+                    markersize=5, alpha=0.85, label=s, color=f"C{j}")  # fmt: skip
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.grid(alpha=0.3, axis="x")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside right upper", fontsize=7)
     figure.suptitle(title, fontsize=10)
     save(figure, path)

@@ -159,13 +159,13 @@ def render(folder: Path = Path(".")) -> str:
                "--out metrics/baselines.json",
         "deps": code("stages.baselines") + scoring + ["models/experts"],
         "params": ["model", "data", "setups"],
-        "metrics": [{"metrics/baselines.json": {"cache": False}}]}  # fmt: skip
+        "outs": ["metrics/baselines.json"]}  # fmt: skip
     stages["merge"] = {"foreach": "${merge.methods}", "do": {
         "cmd": f"python -m stages.merge ${{key}} {model_args} --task-vectors-dir "
                "models/task_vectors --out metrics/merge/${key}.json --plot plots/sweep/${key}.csv",
         "deps": code("stages.merge") + scoring + ["models/task_vectors"],
         "params": ["model", "data", "setups", "sweep", "merge.methods.${key}"],
-        "metrics": [{"metrics/merge/${key}.json": {"cache": False}}],
+        "outs": ["metrics/merge/${key}.json"],
         "plots": [{"plots/sweep/${key}.csv": {
             "cache": False, "template": "lambda_sweep", "x": "lam", "y": "test",
             "title": "${key}: test accuracy vs lambda", "x_label": "lambda (log scale)",
@@ -177,7 +177,7 @@ def render(folder: Path = Path(".")) -> str:
         "params": ["model", "data", "setups", "merge.methods.${item}",
                    *[f"weave.{k}" for k in ("pools", "lambdas", "collaborative", "seed",
                                             "pool_hyperparameters")]],
-        "metrics": [{"metrics/weave/${item}.json": {"cache": False}}]}}  # fmt: skip
+        "outs": ["metrics/weave/${item}.json"]}}  # fmt: skip
     stages["analyze"] = {
         "foreach": "${setups}",
         "do": {
@@ -185,7 +185,7 @@ def render(folder: Path = Path(".")) -> str:
             "--out metrics/analysis/${key}.json --plots-dir plots/analysis/${key}",
             "deps": code("stages.analyze") + ["models/task_vectors"],
             "params": ["analysis", "setups.${key}"],
-            "metrics": [{"metrics/analysis/${key}.json": {"cache": False}}],
+            "outs": ["metrics/analysis/${key}.json"],
             "plots": [
                 {f"plots/analysis/${{key}}/{n}.csv": {"cache": False, **props}}
                 for n, props in ANALYSIS_PLOTS.items()
@@ -194,14 +194,14 @@ def render(folder: Path = Path(".")) -> str:
         },
     }
     stages["report"] = {
-        "cmd": "python -m stages.report --metrics-dir metrics --out metrics/summary.json "
-               "--details reports/details.json --markdown reports/summary.md "
-               "--figures-dir plots/report",
+        "cmd": "python -m stages.report --metrics-dir metrics --headline metrics/headline.json "
+               "--out metrics/summary.json --details reports/details.json "
+               "--markdown reports/summary.md --figures-dir plots/report",
         "deps": code("stages.report") + ["metrics/baselines.json", "metrics/merge",
                                          "metrics/weave", "metrics/analysis"],
         "params": ["setups", "merge", "weave.methods", "weave.pools"],
-        "outs": ["reports/details.json", "reports/summary.md"],
-        "metrics": [{"metrics/summary.json": {"cache": False}}],
+        "outs": ["metrics/summary.json", "reports/details.json", "reports/summary.md"],
+        "metrics": [{"metrics/headline.json": {"cache": False}}],
         "plots": [{"plots/report": {"cache": False}}]}  # fmt: skip
     shape = common.SHAPE_PREFIX + common.pipeline_shape(params) + "\n"
     body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=100)

@@ -1,15 +1,19 @@
-"""Results table of every setup: zero-shot, experts, each method at its default, + weave per
-pool, at the oracle lambda (privileged validation data), with absolute and normalised accuracy.
+"""Results of every setup: zero-shot, experts, each method at its default, + weave per pool,
+at the oracle lambda (privileged validation data), with absolute and normalised accuracy.
 
-    python -m stages.report --metrics-dir metrics --out metrics/summary.json \
-        --details reports/details.json --markdown reports/summary.md --figures-dir plots/report
+    python -m stages.report --metrics-dir metrics --headline metrics/headline.json \
+        --out metrics/summary.json --details reports/details.json \
+        --markdown reports/summary.md --figures-dir plots/report
 
 Reads `metrics/baselines.json`, `metrics/merge/<method>.json` for every method of
 `merge.methods` and `metrics/weave/<method>.json` for every method of `weave.methods` (by name:
 files of removed methods are ignored).
 
-Also writes `reports/summary.md` (tables to paste into a draft, the correlation summary of
-the analyze stage, and figures) through stages.report_md.
+Writes the headline (`metrics/headline.json`, the only file under DVC's `metrics:`, so
+`dvc exp show`, `dvc metrics diff` and the pull-request comment show what matters), every row in
+`metrics/summary.json`, the full tables in `reports/details.json`, and `reports/summary.md`
+(tables to paste into a draft, the correlation summary of the analyze stage, and figures)
+through stages.report_md.
 """
 
 import argparse
@@ -21,6 +25,8 @@ from pathlib import Path
 from mergeloom import protocol, setups
 from stages import common, report_md
 
+MAX_HEADLINE_VALUES = 150  # `dvc exp show` stays readable; tests hold the default to it
+
 
 def _row(per_set: dict, primary: list, experts: dict, privileged: bool = False) -> dict:
     norm = protocol.normalized({s: per_set[s] for s in per_set if s in experts}, experts)
@@ -30,19 +36,22 @@ def _row(per_set: dict, primary: list, experts: dict, privileged: bool = False) 
 
 
 def unit_table(metrics: dict) -> dict:
+    """Every row averages the same sets: absolute over `primary`, normalised over the sets
+    that have an expert of their own (`normalized_over`)."""
     base, merged, sweep, woven = (metrics[k] for k in ("baselines", "merge", "sweep", "weave"))
     test = lambda scores: {s: acc["test"] for s, acc in scores.items()}  # noqa: E731
     experts = {s: base["experts"][s][s]["test"] for s in base["experts"] if s in base["zeroshot"]}
     sets = list(test(base["zeroshot"]))
     primary = ["all"] if "all" in sets else sets  # continual: the 10-way test set is headline
+    # a set without an expert of its own (continual's 10-way `all`): the experts' mean on it
+    on_every_set = {s: experts[s] if s in experts else statistics.fmean(
+        base["experts"][e][s]["test"] for e in base["experts"]) for s in sets}  # fmt: skip
 
     def over_problems(get) -> dict:  # {set: acc}, each set scored by its own problem's model
         return {s: a for problem in merged for s, a in test(get(problem)).items()}
 
     rows = {"zero-shot": _row(test(base["zeroshot"]), primary, experts),
-            "individual experts": {"per_set": experts, "privileged": False,
-                                   "absolute": statistics.fmean(experts.values()),
-                                   "normalized": 1.0}}  # fmt: skip
+            "individual experts": _row(on_every_set, primary, experts)}  # fmt: skip
     dispersion = {}
     for method in next(iter(merged.values())):
         rows[method] = _row(over_problems(lambda pr, m=method: merged[pr][m]), primary, experts)
@@ -58,7 +67,42 @@ def unit_table(metrics: dict) -> dict:
         best = [lam for pr in sweep.values() for s, lam in pr[method]["best_lambdas"].items()
                 if s != "all"]  # fmt: skip
         dispersion[method] = protocol.dispersion(best)
-    return {"rows": rows, "primary": primary, "lambda_dispersion": dispersion}
+    return {"rows": rows, "primary": primary, "normalized_over": list(experts),
+            "identical": identical_rows(rows, sweep), "lambda_dispersion": dispersion}  # fmt: skip
+
+
+def identical_rows(rows: dict, sweep: dict) -> list[dict]:
+    """Groups of rows with the same test accuracy on every set, each with the sweep points
+    (method at a lambda) that score the same: the evidence for why they coincide."""
+    groups: dict[tuple, list[str]] = {}
+    for name, row in rows.items():
+        groups.setdefault(tuple(sorted(row["per_set"].items())), []).append(name)
+    first = next(iter(sweep.values()))
+    points = {(m, float(lam)): tuple(sorted({s: acc["test"] for pr in sweep.values()
+                                              for s, acc in pr[m]["curves"][lam].items()}.items()))
+              for m in first for lam in first[m].get("curves", {})}  # fmt: skip
+    return [{"rows": names, "equal_to": [list(p) for p, key in points.items() if key == scores]}
+            for scores, names in groups.items() if len(names) > 1]  # fmt: skip
+
+
+def headline(details: dict, pools: list[str]) -> dict:
+    """{unit: {method: {variant: absolute accuracy}}}: the data-free default and the weave
+    with the first pool of `weave.pools`, plus zero_shot and individual_experts. The oracle,
+    the other pools and the normalised values stay in metrics/summary.json: with every
+    variant the embedded default would be 4 units x 62 rows, too many columns to read."""
+    pool = pools[0]
+    out = {}
+    for unit, table in details.items():
+        rows = table["rows"]
+        out[unit] = {"zero_shot": {k: round(rows["zero-shot"][k], 4)
+                                   for k in ("absolute", "normalized")},
+                     "individual_experts": {"absolute": round(
+                         rows["individual experts"]["absolute"], 4)}}  # fmt: skip
+        for method in table["lambda_dispersion"]:  # every method, in params order
+            variants = {"default": method, f"weave_{pool}": f"{method} + weave ({pool})"}
+            out[unit][method] = {k: round(rows[r]["absolute"], 4) for k, r in variants.items()
+                                 if r in rows}  # fmt: skip
+    return out
 
 
 def _read(path: Path) -> dict:
@@ -85,10 +129,9 @@ def unit_metrics(folder: Path, unit: str, merged: list, woven: list, pools: list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics-dir", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    for name in ("--details", "--markdown", "--figures-dir"):
+    for name in ("--headline", "--out", "--details", "--markdown", "--figures-dir"):
         parser.add_argument(name, type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv)
     p = common.load_params("setups", "merge", "weave")
     details, metrics = {}, {}
     for unit in setups.units(p["setups"]):
@@ -104,7 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             m: round(d["iqr"], 4) for m, d in table["lambda_dispersion"].items()}  # fmt: skip
     common.write_json(args.details, details)
     common.write_json(args.out, summary)
+    values = headline(details, p["weave"]["pools"])
+    common.write_json(args.headline, values)
     write_markdown(args, p, details, metrics)
+    n_values = sum(len(variants) for rows in values.values() for variants in rows.values())
+    common.log.info("%d units: wrote %s (%d values), %s, %s and %s", len(details), args.headline,
+                    n_values, args.out, args.details, args.markdown)  # fmt: skip
 
 
 def write_markdown(args: argparse.Namespace, p: dict, details: dict, metrics: dict) -> None:
@@ -115,7 +163,7 @@ def write_markdown(args: argparse.Namespace, p: dict, details: dict, metrics: di
                 if (f := args.metrics_dir / "analysis" / f"{s}.json").exists()}  # fmt: skip
     names["analysis"] = {s: os.path.relpath(f"plots/analysis/{s}/cosine.png", root)
                          for s in analyses}  # fmt: skip
-    report_md.write_text(args.markdown, report_md.document(details, analyses, names))
+    common.write_text(args.markdown, report_md.document(details, analyses, names))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """`reports/summary.md`: the results tables a researcher pastes into a draft, and their figures.
 
-Tables follow the Weight Weaving paper's layout: zero-shot, individual experts, then per method
-its data-free default, + weave per pool and the oracle-lambda row (privileged validation data,
-marked with a dagger); columns are per-task test accuracy, average absolute and average
-normalised accuracy. Called by stages.report, which owns the files.
+It leads with the answer: one headline table (method x unit, average absolute and normalised
+accuracy, the best data-free row of each column in bold, rows that coincide explained), then
+per unit the table in the Weight Weaving paper's layout: zero-shot, individual experts, then
+per method its data-free default, + weave per pool and the oracle-lambda row (privileged
+validation data, marked with a dagger); columns are per-task test accuracy, average absolute
+and average normalised accuracy. Called by stages.report, which owns the files.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -44,18 +44,98 @@ def _row_order(name: str) -> tuple:
     return (2, method, 2 if variant.startswith("@") else 1 if variant else 0, variant)
 
 
+def _table(head: Sequence[str], rows: Mapping[str, Sequence[float | None]],
+           contenders: Sequence[str]) -> str:  # fmt: skip
+    """A markdown table of percentages; in each column the best of ``contenders`` (as shown,
+    ties included) is bold."""
+    shown = {name: [_pct(v) for v in values] for name, values in rows.items()}
+    for j in range(len(head) - 1):
+        column = [float(shown[n][j]) for n in contenders if shown[n][j] != "-"]
+        for name in contenders:
+            if column and shown[name][j] == f"{max(column):.1f}":
+                shown[name][j] = f"**{shown[name][j]}**"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join([*lines, *(f"| {name} | " + " | ".join(cells) + " |"
+                                for name, cells in shown.items())])  # fmt: skip
+
+
+def _label(name: str, row: Mapping) -> str:
+    return f"{name} {DAGGER}" if row["privileged"] else name
+
+
+def _data_free(rows: Mapping[str, Mapping]) -> list[str]:
+    """Merged rows that use no labels: the ones the bold mark compares."""
+    return [n for n, r in rows.items()
+            if not r["privileged"] and n not in ("zero-shot", "individual experts")]  # fmt: skip
+
+
 def results_table(table: Mapping) -> str:
-    """One unit's rows as a markdown table (values in %)."""
+    """One unit's rows as a markdown table (values in %), the best data-free row per column in
+    bold."""
     rows = {name: table["rows"][name] for name in sorted(table["rows"], key=_row_order)}
     sets = list(rows["zero-shot"]["per_set"])
-    head = ["", *sets, "avg abs.", "avg norm."]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, row in rows.items():
-        label = f"{name} {DAGGER}" if row["privileged"] else name
-        cells = [_pct(row["per_set"].get(s)) for s in sets]
-        cells += [_pct(row["absolute"]), _pct(row["normalized"])]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    values = {_label(n, r): [*(r["per_set"].get(s) for s in sets), r["absolute"], r["normalized"]]
+              for n, r in rows.items()}  # fmt: skip
+    contenders = [_label(n, rows[n]) for n in _data_free(rows)]
+    return _table(["", *sets, "avg abs.", "avg norm."], values, contenders)
+
+
+def headline_table(details: Mapping) -> str:
+    """Method x unit: every unit's two averages side by side (values in %), the best
+    data-free row per column in bold."""
+    units = list(details)
+    first = next(iter(details.values()))["rows"]
+    names = sorted(first, key=_row_order)
+    values = {_label(n, first[n]): [details[u]["rows"].get(n, {}).get(k) for u in units
+                                    for k in ("absolute", "normalized")]
+              for n in names}  # fmt: skip
+    contenders = [_label(n, first[n]) for n in _data_free(first)]
+    head = ["", *(f"{u} {k}" for u in units for k in ("abs.", "norm."))]
+    return _table(head, values, contenders)
+
+
+def averaged_sets(table: Mapping) -> str:
+    """Which sets every row of a unit averages, said once per table."""
+    primary, normalized = table["primary"], table["normalized_over"]
+    if primary == normalized:
+        return f"both averages over {', '.join(primary)}"
+    text = (f"abs. over {', '.join(primary)}; norm. over {', '.join(normalized)} (the sets "
+            "with an expert of their own)")  # fmt: skip
+    shared = [s for s in primary if s not in normalized]
+    if shared:
+        text += (f"; individual experts on {', '.join(shared)}: the mean of the "
+                 f"{len(normalized)} experts, each scored on it")  # fmt: skip
+    return text
+
+
+def identical_note(group: Mapping) -> str:
+    """One line for rows that score the same on every set, with the evidence: the sweep
+    points that score the same, and the construction that makes them equal."""
+    line = ", ".join(f"`{n}`" for n in group["rows"]) + ": the same test accuracy on every set"
+    at = dict(group["equal_to"])
+    if at:
+        line += ", equal to " + " and ".join(f"`{m}` at lambda {lam:g}" for m, lam in at.items())
+        line += " on the sweep"
+    if all(n.endswith(" + weave (max_abs)") for n in group["rows"]):
+        line += (" (max_abs keeps each entry's largest-magnitude candidate, and these methods "
+                 "never make an entry larger than the task vectors' largest: the pool is MagMax "
+                 "of the task vectors)")  # fmt: skip
+    elif {n.removesuffix(" @ oracle lambda") for n in group["rows"]} == {group["rows"][0]}:
+        line += " (the oracle picked the default's lambda)"
+    elif {"weight_averaging", "task_arithmetic"} <= set(at):
+        mean, summed = at["weight_averaging"], at["task_arithmetic"]
+        line += (f" (the mean of {mean / summed:.0f} task vectors scaled by {mean:g} is their "
+                 f"sum scaled by {summed:g})")  # fmt: skip
+    return line + "."
+
+
+def identical_notes(details: Mapping) -> list[str]:
+    """Every group of coinciding rows once, with the units where it holds."""
+    units: dict[str, list[str]] = {}
+    for unit, table in details.items():
+        for group in table["identical"]:
+            units.setdefault(identical_note(group), []).append(unit)
+    return [f"- {', '.join(names)}: {note}" for note, names in units.items()]
 
 
 def _dig(node: object, path: Sequence[str]) -> float | None:
@@ -120,13 +200,22 @@ def document(details: Mapping, analyses: Mapping, figure_names: Mapping[str, str
              "Test accuracy (%) of the embedded default, generated by the `report` stage from "
              "`metrics/`. " + DAGGER + " marks rows that pick lambda on privileged validation "
              "labels (the oracle): an upper bound, not a data-free result. Normalised accuracy "
-             "divides by each task's individual expert.", ""]  # fmt: skip
+             "divides each set by its own individual expert. **Bold**: the best data-free "
+             "merged row of each column (zero-shot, experts and " + DAGGER + " rows excluded).",
+             "", "## Headline", "",
+             "The averages of every unit's table below, side by side. Every row of a unit "
+             "averages the same sets:", ""]  # fmt: skip
+    parts += [f"- {unit}: {averaged_sets(table)}." for unit, table in details.items()]
+    parts += ["", headline_table(details), ""]
+    notes = identical_notes(details)
+    if notes:
+        parts += ["Rows that coincide, and why:", "", *notes, ""]
+    parts += [f"![method ranking]({figure_names['ranking']})", ""]
     for unit, table in details.items():
-        parts += [f"## {unit}", "", f"Headline average over: {', '.join(table['primary'])}.", "",
+        parts += [f"## {unit}", "", f"Averages: {averaged_sets(table)}.", "",
                   results_table(table), "",
                   f"![accuracy vs lambda, {unit}]({figure_names[unit]})", ""]  # fmt: skip
     parts += ["## Across setups", "",
-              f"![method ranking]({figure_names['ranking']})", "",
               f"![per-task optimal lambda]({figure_names['optimal_lambdas']})", ""]  # fmt: skip
     if analyses:
         parts += ["## Task-vector correlation and redundancy", "",
@@ -138,14 +227,15 @@ def document(details: Mapping, analyses: Mapping, figure_names: Mapping[str, str
     return "\n".join(parts)
 
 
-def write_text(path: Path, text: str) -> None:
-    """The markdown, written atomically like every other output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def _variants(rows: Mapping[str, Mapping], method: str) -> dict[str, float]:
+    """A method's rows by variant (default, weave (<pool>), oracle †): absolute accuracy."""
+    out = {}
+    for name in sorted(rows, key=_row_order):
+        variant = "default" if name == method else name.removeprefix(f"{method} + ")
+        if name == method or name.startswith(f"{method} + "):
+            out[variant] = rows[name]["absolute"]
+    out[f"oracle {DAGGER}"] = rows[f"{method} @ oracle lambda"]["absolute"]
+    return out
 
 
 def write_figures(details: Mapping, metrics: Mapping, lams: Mapping[str, float], folder: Path,
@@ -164,16 +254,13 @@ def write_figures(details: Mapping, metrics: Mapping, lams: Mapping[str, float],
                           for s, lam in problem[m]["best_lambdas"].items() if s != "all"]
                       for m in next(iter(metrics[unit]["sweep"].values()))}
                for unit in details}  # fmt: skip
-    ranking = {unit: {m: {"default": t["rows"][m]["absolute"],
-                          "best weave": max([r["absolute"] for n, r in t["rows"].items()
-                                             if n.startswith(f"{m} + weave")] or [math.nan]),
-                          f"oracle {DAGGER}": t["rows"][f"{m} @ oracle lambda"]["absolute"]}
-                      for m in optimal[unit]}
+    ranking = {unit: {m: _variants(t["rows"], m) for m in optimal[unit]}
                for unit, t in details.items()}  # fmt: skip
     for name, draw in (("optimal_lambdas", lambda path: figures.boxes(
             optimal, path, "per-task optimal lambda (validation), per method", "lambda")),
-                       ("ranking", lambda path: figures.bars(
-            ranking, path, "methods: headline test accuracy", "accuracy"))):  # fmt: skip
+                       ("ranking", lambda path: figures.dots(
+            ranking, path, "methods: headline test accuracy, sorted by the data-free default",
+            "test accuracy (headline average)"))):  # fmt: skip
         draw(folder / f"{name}.png")
         names[name] = Path(os.path.relpath(folder / f"{name}.png", relative_to)).as_posix()
     return names

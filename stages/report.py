@@ -25,7 +25,7 @@ from pathlib import Path
 from mergeloom import protocol, setups
 from stages import common, report_md
 
-MAX_HEADLINE_VALUES = 150  # `dvc exp show` stays readable; tests hold the default to it
+MAX_HEADLINE_VALUES = 150  # `dvc exp show` stays readable (tests hold the default to it)
 
 
 def _row(per_set: dict, primary: list, experts: dict, privileged: bool = False) -> dict:
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     common.write_json(args.headline, values)
     write_markdown(args, p, details, metrics)
     n_values = sum(len(variants) for rows in values.values() for variants in rows.values())
+    if n_values > MAX_HEADLINE_VALUES:
+        common.log.warning("%s holds %d values (> %d): `dvc exp show` gets hard to read",
+                           args.headline, n_values, MAX_HEADLINE_VALUES)  # fmt: skip
     common.log.info("%d units: wrote %s (%d values), %s, %s and %s", len(details), args.headline,
                     n_values, args.out, args.details, args.markdown)  # fmt: skip
 

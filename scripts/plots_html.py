@@ -10,7 +10,8 @@ bundled by vl-convert-python (pinned in requirements.lock; Vega-Lite 5, the majo
 DVC's and our `.dvc/plots/` templates). The page is then one self-contained file; image plots
 are files beside it, as DVC writes them. The template is written once per bundle version to
 `.dvc/tmp/` (git-ignored). Its `vegaEmbed` draws SVG (so a DOM dump shows every mark) and
-writes a failed plot's error into the page instead of leaving a blank.
+writes a failed plot's error into the page instead of leaving a blank; the results lead the
+page, the per-expert training curves follow them.
 
 `--check` opens the page in headless Chromium (Debian's /usr/bin/chromium) and fails unless
 every Vega plot drew marks and every image loaded; tests/test_plots.py runs the same check.
@@ -44,8 +45,13 @@ window.vegaEmbed = (el, spec, opts) =>
     document.querySelector(el).appendChild(note);
   });
 """
-# after load: each image says whether it decoded, for the DOM dump of check()
-IMAGE_FLAGS = """<script>
+# Results first: DVC orders plots as dvc.yaml lists stages, which puts the dvclive curves of
+# every expert (ids from logs/...) above the sweeps; they move to the end. After load, each image
+# says whether it decoded, for the DOM dump of --check.
+PAGE_END = """<script>
+for (const div of [...document.body.children]) {
+  if (div.id && div.id.startsWith("logs_")) document.body.appendChild(div);
+}
 window.addEventListener("load", () => {
   for (const img of document.images) img.dataset.loaded = img.naturalWidth > 0 ? "yes" : "no";
 });
@@ -70,7 +76,7 @@ PAGE = """<!DOCTYPE html>
 </head>
 <body>
 {plot_divs}
-{image_flags}
+{page_end}
 </body>
 </html>
 """
@@ -89,7 +95,7 @@ def html_template(bundle: str, label: str) -> str:
         if bad in bundle.lower():
             raise ValueError(f"the JavaScript bundle contains {bad!r}, which would break the "
                              "page; expected a bundle without it")  # fmt: skip
-    fill = {"{versions}": label, "{bundle}": bundle, "{image_flags}": IMAGE_FLAGS}
+    fill = {"{versions}": label, "{bundle}": bundle, "{page_end}": PAGE_END}
     return re.sub("|".join(map(re.escape, fill)), lambda m: fill[m.group()], PAGE)
 
 

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     spectra_outputs(results, args.plots_dir, args.setup)
     redundancy_outputs(pairwise, p["analysis"]["topk"], args.plots_dir, args.setup)
     common.write_json(args.out, {k: scalars(r, tasks[k]) for k, r in results.items()})
-    common.log.info("%s: analysed %s task vectors; wrote %s and %s", args.setup,
-                    ", ".join(results), args.out, args.plots_dir)  # fmt: skip
+    common.log.info("analysed the %s task vectors of %s; wrote %s and %s", ", ".join(results),
+                    args.setup, args.out, args.plots_dir)  # fmt: skip
 
 
 if __name__ == "__main__":

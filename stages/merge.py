@@ -41,7 +41,7 @@ def _merge_all(by_unit: dict, score, args: argparse.Namespace, hp: dict,
     method = methods.get(args.method)
     results, rows = {}, []
     pairs = [(unit, problem) for unit, problems in by_unit.items() for problem in problems]
-    for unit, problem in progress(pairs, desc=args.method, unit="problem", leave=False):
+    for unit, problem in progress(pairs, desc=f"merge {args.method}", unit="problem", leave=False):
         members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
                    for t in problem.members]  # fmt: skip
         default = score(problem.eval_sets, delta=method(members, **hp))
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         results, rows = _merge_all(by_unit, score, args, hp, p["sweep"]["lambdas"])
     common.write_json(args.out, results)
     common.write_csv(args.plot, rows, ["unit", "problem", "lam", "set", "val", "test"])
-    n_problems = sum(len(r) for r in results.values())
-    common.log.info("%s: default and %d-lambda sweep on %d problems; wrote %s and %s", args.method,
-                    len(p["sweep"]["lambdas"]), n_problems, args.out, args.plot)  # fmt: skip
+    n_problems, n_lambdas = sum(len(r) for r in results.values()), len(p["sweep"]["lambdas"])
+    common.log.info("merged with %s on %d problems (default, %d lambdas); wrote %s and %s",
+                    args.method, n_problems, n_lambdas, args.out, args.plot)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(name, type=Path, required=True)
     args = common.parse_args(parser, argv)
     p = common.load_params("setups")
+    written = 0
     for unit in setups.units(p["setups"]).values():
         experts = [args.experts_dir / unit.name / f"{t}.safetensors" for t in unit.tasks]
         missing = [str(e) for e in experts if not e.is_file()]
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         ):
             vectors.save({k: tv[k] for k in tv}, args.out_dir / unit.name / f"{task}.safetensors",
                          metadata={"unit": unit.name, "task": task})  # fmt: skip
-        common.log.info("wrote %d task vectors to %s", len(experts), args.out_dir / unit.name)
+        written += len(experts)
+    common.log.info("wrote %d task vectors to %s", written, args.out_dir)
 
 
 if __name__ == "__main__":

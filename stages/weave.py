@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         woven = _weave_all(by_unit, score, args, cfg, hp)
     common.write_json(args.out, woven)
     n_problems = sum(len(r) for r in woven.values())
-    common.log.info("%s: woven with %d pools on %d problems; wrote %s", args.method,
+    common.log.info("wove %s with %d pools on %d problems; wrote %s", args.method,
                     len(cfg["pools"]), n_problems, args.out)  # fmt: skip
 
 
@@ -57,7 +57,7 @@ def _weave_all(by_unit: dict, score, args: argparse.Namespace, cfg: dict, hp: di
     """unit -> problem -> pool -> test scores and effective lambda of every woven update."""
     results: dict = {}
     pairs = [(unit, problem) for unit, problems in by_unit.items() for problem in problems]
-    for unit, problem in progress(pairs, desc=args.method, unit="problem", leave=False):
+    for unit, problem in progress(pairs, desc=f"weave {args.method}", unit="problem", leave=False):
         members = [vectors.SafetensorsFile(args.task_vectors_dir / unit / f"{t}.safetensors")
                    for t in problem.members]  # fmt: skip
         lam_eff = weave.effective_lam(len(members), cfg["lambdas"], cfg["collaborative"])

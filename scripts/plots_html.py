@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import re
 import shutil
 import subprocess
@@ -34,16 +35,25 @@ VEGA_LITE = "5.21"  # the newest Vega-Lite 5 that vl-convert-python bundles
 CHROMIUM = Path("/usr/bin/chromium")
 # DVC fills these placeholders with str.replace; `scripts` (its CDN tags) is left out on purpose
 PLACEHOLDERS = ("{plot_divs}", "{refresh_tag}", "{scripts}")
+# DVC gives a declared plot whose files are missing (cached outputs not pulled) an empty spec
 SNIPPET = """
 window.vega = vega;
 window.vegaLite = vegaLite;
-window.vegaEmbed = (el, spec, opts) =>
-  vegaEmbed(el, spec, { renderer: "svg", ...opts }).catch((error) => {
-    const note = document.createElement("pre");
-    note.className = "plot-error";
-    note.textContent = "This plot failed to render: " + error;
-    document.querySelector(el).appendChild(note);
-  });
+const note = (el, kind, text) => {
+  const pre = document.createElement("pre");
+  pre.className = kind;
+  pre.textContent = text;
+  document.querySelector(el).appendChild(pre);
+};
+window.vegaEmbed = (el, spec, opts) => {
+  if (!spec || Object.keys(spec).length === 0) {
+    note(el, "plot-missing", el.slice(1) + ": no data in this revision (a cached output? " +
+         "`dvc pull` or `make repro` brings it)");
+    return Promise.resolve();
+  }
+  return vegaEmbed(el, spec, { renderer: "svg", ...opts }).catch((error) =>
+    note(el, "plot-error", "This plot failed to render: " + error));
+};
 """
 # Results first: DVC orders plots as dvc.yaml lists stages, which puts the dvclive curves of
 # every expert (ids from logs/...) above the sweeps; they move to the end. After load, each image
@@ -71,6 +81,7 @@ PAGE = """<!DOCTYPE html>
 <style>
   body { font-family: sans-serif; }
   .plot-error { color: #b00020; white-space: pre-wrap; }
+  .plot-missing { color: #666; white-space: pre-wrap; }
   img { max-width: 95vw; }  /* DVC's image plots: the report's wide figures fit the window */
 </style>
 </head>
@@ -105,7 +116,7 @@ def write_template(folder: Path) -> Path:
     import vl_convert
 
     label = versions()
-    key = hashlib.sha256("\n".join((label, SNIPPET, PAGE)).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join((label, SNIPPET, PAGE, PAGE_END)).encode()).hexdigest()[:16]
     path = folder / f"plots_offline_{key}.html"  # a new name when a version or the page changes
     if not path.is_file():
         bundle = vl_convert.javascript_bundle(snippet=SNIPPET, vl_version=VEGA_LITE)
@@ -156,8 +167,8 @@ def plot_ids(source: str) -> list[str]:
 def problems(source: str, dom: str) -> list[str]:
     """What did not draw, from the page's ``source`` (DVC writes one `vegaEmbed('#id', ...)` per
     Vega plot) and its rendered ``dom``: a plot with no data mark (a line, point, bar or text
-    drawn inside a Vega `role-mark` group), a plot that wrote an error, an image that did not
-    load. Empty when everything drew."""
+    drawn inside a Vega `role-mark` group), a plot that wrote an error or had no data, an image
+    that did not load. Empty when everything drew."""
     ids = plot_ids(source)
     dom = without_scripts(dom)  # the libraries' text holds tags of its own
     starts = sorted((m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)
@@ -168,7 +179,9 @@ def problems(source: str, dom: str) -> list[str]:
     for (start, pid), end in zip(starts, bounds[1:], strict=True):
         part = dom[start:end]
         if error := re.search(r'class="plot-error"[^>]*>([^<]*)', part):
-            out.append(f"plot {pid}: {error.group(1).strip()}")
+            out.append(f"plot {pid}: {html.unescape(error.group(1)).strip()}")
+        elif 'class="plot-missing"' in part:
+            out.append(f"plot {pid}: no data (a cached output not in the workspace?)")
         elif not re.search(r'role-mark[^>]*>\s*<(?:path[^>]*\sd="M|text[^>]*>[^<\s])', part):
             out.append(f"plot {pid}: no data mark drawn")
     for tag in re.findall(r"<img\b[^>]*>", dom):

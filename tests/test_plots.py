@@ -205,6 +205,8 @@ def test_the_offline_template_inlines_the_libraries_and_keeps_dvcs_placeholders(
          "</div>", "plot p: no data mark drawn"),
         ('<div id="p"><pre class="plot-error">This plot failed to render: Error: bad</pre></div>',
          "plot p: This plot failed to render: Error: bad"),
+        ('<div id="p"><pre class="plot-missing">p: no data</pre></div>',
+         "plot p: no data (a cached output not in the workspace?)"),
         ("<div id=\"q\"></div>", "plot p: its div is missing from the page"),
         ('<div id="p"><svg><g class="mark-text role-mark"><text>0.5</text></g></svg></div>'
          '<img src="static/a.png" data-loaded="no">', "image static/a.png: did not load"),
@@ -231,3 +233,22 @@ def test_the_offline_page_draws_every_plot_in_headless_chromium(repo, shown):
     assert plots_html.problems(cdn.read_text(), plots_html.browser_dom(cdn)) == [
         "plot plots_sweep_ties_csv: no data mark drawn"
     ]
+
+
+@pytest.mark.skipif(not plots_html.CHROMIUM.exists(), reason=f"no Chromium at "
+                    f"{plots_html.CHROMIUM} (.ci/run installs Debian's chromium)")  # fmt: skip
+def test_the_page_says_which_plot_failed_or_had_no_data(tmp_path):
+    """DVC writes an empty spec for a declared plot whose files are missing (training logs not
+    pulled) and Vega rejects a bad spec: the page says so in place of a blank."""
+    good = {"data": {"values": [{"a": 1, "b": 2}, {"a": 2, "b": 1}]}, "mark": "line",
+            "encoding": {"x": {"field": "a", "type": "quantitative"},
+                         "y": {"field": "b", "type": "quantitative"}}}  # fmt: skip
+    specs = {"good": good, "empty": {}, "bad": {**good, "mark": "no-such-mark"}}
+    divs = "".join(f"<div id=\"{name}\"><script>vegaEmbed('#{name}', {json.dumps(spec)});"
+                   "</script></div>" for name, spec in specs.items())  # fmt: skip
+    page = tmp_path / "index.html"
+    page.write_text(plots_html.write_template(tmp_path).read_text().replace("{plot_divs}", divs))
+    found = plots_html.problems(page.read_text(), plots_html.browser_dom(page))
+    assert len(found) == 2, found
+    assert found[0] == "plot empty: no data (a cached output not in the workspace?)"
+    assert found[1].startswith("plot bad: This plot failed to render: "), found

@@ -1,7 +1,7 @@
 """Merge benchmark: wall time and peak RSS of every method on 8 ViT-B-32-shaped experts.
 
     .venv/bin/python bench/merge_bench.py [--fusionbench] [--methods ties tsv_m ...]
-        [--baseline-src DIR] [--no-weave] [--no-markdown]
+        [--baseline-src DIR] [--no-weave] [--no-markdown] [--device cuda]
 
 Each measurement runs in its own process (peak RSS from wait4, a watchdog kills runs above
 --rss-limit-gb and records where), right after a read of every input file, so both tools start
@@ -53,9 +53,27 @@ def child(
     if src is not None:  # another checkout's mergeloom (--baseline-src)
         sys.path.insert(0, str(src))
     start = time.perf_counter()
-    from mergeloom import methods, vectors, weave
+    from mergeloom import device, methods, vectors, weave  # noqa: F401  (timed as import_s)
 
     import_s = time.perf_counter() - start
+    # the stages' runtime setting: --device in the parent sets it for every child
+    with device.compute_on(os.environ.get("MERGELOOM_DEVICE", "cpu")) as used:
+        name = torch_device_name(used)
+        start = time.perf_counter()
+        wall_s = merge_and_save(kind, method, pool, experts_dir, out)
+    print(json.dumps({"wall_s": wall_s, "import_s": import_s, "device": name}))
+
+
+def torch_device_name(used) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(used) if used.type == "cuda" else str(used)
+
+
+def merge_and_save(kind: str, method: str, pool: str, experts_dir: Path, out: Path) -> float:
+    """Load + merge (or weave) + save, timed; the output is always written from the CPU."""
+    from mergeloom import methods, vectors, weave
+
     start = time.perf_counter()
     experts = sorted(experts_dir.glob("expert_*.safetensors"))
     pretrained = experts_dir / "pretrained.safetensors"
@@ -69,7 +87,7 @@ def child(
             delta = weave.weave(method, task_vectors, {"lam": LAMBDAS}, pool)
     merged = vectors.apply(vectors.SafetensorsFile(pretrained), delta, inplace=True)
     vectors.save(merged, out)
-    print(json.dumps({"wall_s": time.perf_counter() - start, "import_s": import_s}))
+    return time.perf_counter() - start
 
 
 def naive_weave(method: str, pool: str, pretrained: Path, experts: list[Path]) -> dict:
@@ -124,7 +142,9 @@ def measure(cmd: list[str], rss_limit: float) -> dict:
         out.seek(0)
         err.seek(0)
         lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
-        error_tail = err.read().strip().splitlines()[-1:] or [""]
+        errors = err.read().strip().splitlines()
+        named = [ln.strip(" │") for ln in errors if "Error" in ln]  # a traceback's last error
+        error_tail = (named or errors)[-1:] or [""]
     peak = max(polled[0], usage.ru_maxrss / 2**20)  # ru_maxrss is in KiB on Linux
     cpu_s = usage.ru_utime + usage.ru_stime  # whole process, both cores: less disturbed by load
     result = {"process_s": round(process_s, 2), "process_cpu_s": round(cpu_s, 2),
@@ -134,8 +154,10 @@ def measure(cmd: list[str], rss_limit: float) -> dict:
     if os.waitstatus_to_exitcode(status) != 0 or not lines:
         code = os.waitstatus_to_exitcode(status)
         return {**result, "status": f"failed (exit {code}): {error_tail[0][:200]}"}
-    timings = {k: round(v, 2) for k, v in json.loads(lines[-1]).items() if isinstance(v, float)}
-    return {**result, **timings, "status": "ok"}
+    reported = json.loads(lines[-1])
+    timings = {k: round(v, 2) for k, v in reported.items() if isinstance(v, float)}
+    where = {"device": reported["device"]} if "device" in reported else {}
+    return {**result, **timings, **where, "status": "ok"}
 
 
 def ours(
@@ -205,31 +227,34 @@ def fmt(result: dict | None) -> tuple[str, str]:
 
 
 def markdown(results: dict, command: str) -> str:
+    """The tables for BENCHMARKS.md; the before/after columns only when --baseline-src ran."""
     merge, fb = results["merge"], results.get("fusionbench", {})
     baseline = results.get("baseline", {})
+    header = ("| method | mergeloom s | mergeloom peak RSS GB | FusionBench s | "
+              "FusionBench peak RSS GB | time ours/FB |")  # fmt: skip
+    if baseline:
+        header += " before s | before GB | ours/before | max rel. diff to before |"
     lines = [
         f"Command: `{command}` ({results['when']}, {results['machine']}); "
         f"{results['params']:,} params per expert, {results['experts']} experts.",
         "",
-        "| method | mergeloom s | mergeloom peak RSS GB | FusionBench s | "
-        "FusionBench peak RSS GB | time ours/FB | before s | before GB | ours/before | "
-        "max rel. diff to before |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        header,
+        "|---" * header.count(" | ") + "|---|",
     ]
     for name, result in merge.items():
         ours_s, ours_gb = fmt(result)
         fb_s, fb_gb = fmt(fb.get(name))
         ok = result["status"] == "ok" and fb.get(name, {}).get("status") == "ok"
         ratio = f"{seconds(result) / seconds(fb[name]):.2f}" if ok else "n/a"
-        before = baseline.get(name)
-        before_s, before_gb = fmt(before)
-        ok = result["status"] == "ok" and (before or {}).get("status") == "ok"
-        speedup = f"{seconds(result) / seconds(before):.2f}" if ok else "n/a"
-        diff = f"{result['max_rel_diff']:.1e}" if "max_rel_diff" in result else "n/a"
-        lines.append(
-            f"| {name} | {ours_s} | {ours_gb} | {fb_s} | {fb_gb} | {ratio} | "
-            f"{before_s} | {before_gb} | {speedup} | {diff} |"
-        )
+        row = f"| {name} | {ours_s} | {ours_gb} | {fb_s} | {fb_gb} | {ratio} |"
+        if baseline:
+            before = baseline.get(name)
+            before_s, before_gb = fmt(before)
+            ok = result["status"] == "ok" and (before or {}).get("status") == "ok"
+            speedup = f"{seconds(result) / seconds(before):.2f}" if ok else "n/a"
+            diff = f"{result['max_rel_diff']:.1e}" if "max_rel_diff" in result else "n/a"
+            row += f" {before_s} | {before_gb} | {speedup} | {diff} |"
+        lines.append(row)
     lines += [
         "",
         "Weave over 20 lambdas (collaborative), streaming vs naive (every candidate "
@@ -266,6 +291,12 @@ def main() -> None:
     ap.add_argument("--fusionbench", action="store_true", help="also run FusionBench")
     ap.add_argument("--no-weave", dest="weave", action="store_false")
     ap.add_argument("--rss-limit-gb", type=float, default=14.0)
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or auto: MERGELOOM_DEVICE for every mergeloom run, as in the stages "
+        "(the device name is recorded per run; FusionBench's runner stays on the CPU)",
+    )
     ap.add_argument("--render", action="store_true", help="only re-render the saved results")
     ap.add_argument(
         "--baseline-src",
@@ -287,6 +318,8 @@ def main() -> None:
     experts = args.experts_dir or args.work_dir / "experts"
     if args.child:
         return child(*args.child, experts, args.child_out, args.child_src)
+    if args.device:
+        os.environ["MERGELOOM_DEVICE"] = args.device  # read by every child
     saved = ROOT / "bench" / "results" / "merge_bench.json"
     if args.render:
         results = json.loads(saved.read_text())

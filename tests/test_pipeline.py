@@ -297,6 +297,31 @@ def test_a_datasets_root_inside_an_output_is_refused_and_kept(repo):
         shutil.rmtree(user)
 
 
+def test_a_remote_lets_a_second_clone_rerun_nothing(built, tmp_path):
+    """README "Sharing results": `dvc push` to a shared folder from one clone; another clone
+    that runs `dvc pull` is up to date, `dvc repro` runs no stage, and the files are the same."""
+    repo, remote, clone = built[0], tmp_path / "remote", tmp_path / "clone"
+    dvc(repo, "remote", "add", "--local", "shared", str(remote))
+    try:
+        dvc(repo, "push", "-r", "shared", "--run-cache")
+    finally:
+        dvc(repo, "remote", "remove", "--local", "shared")
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    dvc(clone, "remote", "add", "--local", "--default", "shared", str(remote))
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status")
+    output = dvc(clone, "repro")
+    assert ran(output) == set(), output
+    for path in ("models/pretrained.safetensors", "models/experts/multitask/digits.safetensors",
+                 "models/task_vectors", "metrics/merge/ties.json", "dvc.lock"):  # fmt: skip
+        original = repo / path
+        files = sorted(original.rglob("*")) if original.is_dir() else [original]
+        assert files, path
+        for file in files:
+            relative = file.relative_to(repo)
+            assert file.is_dir() or (clone / relative).read_bytes() == file.read_bytes(), relative
+
+
 def test_exp_run_over_a_task_list_needs_no_new_dvc_yaml(repo):
     """Last in this module: `dvc exp run` leaves its results in the workspace."""
     output = dvc(repo, "exp", "run", "-S", "setups.multitask.tasks=[digits,parity]", "-n", "two")

@@ -7,6 +7,9 @@ trains. Batches come from ``loops.StepBatches`` (step s's images and augmentatio
 function of ``seed`` and s alone), so a run is reproducible bit for bit on the CPU, whatever the
 number of DataLoader workers, and resumable from a checkpoint (tests/test_resume.py kills a real
 subprocess). A TensorImages dataset is batched by slicing its tensor, with the same values.
+Inside an initialised ``torch.distributed`` process group (``stages/finetune.py`` under
+``torchrun``), each rank trains on its share of every global batch and the gradients are summed
+over the ranks: the expert is the single-process one up to floating-point reduction order.
 
 ``pretrain`` takes image tensors and captions; its batches are drawn by index with a seeded
 generator.
@@ -22,7 +25,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from mergeloom import loops
 from mergeloom.clip import StateDict, Tokenizer, image_encoder_state, normalize_images
@@ -215,6 +218,73 @@ def _train_step(model, head, x, y, optimizer, grad_clip, accumulate: int):
     return loss, out
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group; (0, 1) without."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _RankShare(Sampler):
+    """One rank's share of each global batch: every ``world``-th item from ``rank``, so that the
+    shares of all ranks are exactly the single-process batch. A share that would be empty (a
+    short last batch with fewer images than ranks) is the batch's first image, weighed 0 by
+    ``_shared_step``: a DataLoader cannot yield an empty batch, and every rank must step."""
+
+    def __init__(self, sampler: loops.StepBatches, rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            yield batch[self.rank :: self.world] or batch[:1]
+
+
+def _shared_step(model, head, x, y, optimizer, grad_clip, accumulate: int, total: int, real: bool):
+    """One optimizer step of one rank on its share (x, y) of a global batch of ``total`` images.
+
+    Each rank's loss is its images' summed cross-entropy divided by ``total`` and the gradients
+    are summed over the ranks (before clipping): that is the gradient of the global batch mean,
+    also for a short last batch split unevenly, where averaging the ranks' means would weigh
+    images unequally. Every rank then takes the same step. ``real`` False: the share is a
+    placeholder image that contributes nothing. Returns the global batch loss and accuracy.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    weight = 1.0 if real else 0.0
+    stats = torch.zeros(2, device=x.device)  # summed loss / total, correct predictions
+    for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate), strict=True):
+        with loops._autocast(x.device):
+            out = model.encode_image(xs, normalize=True) @ head  # (b, C)
+        loss = F.cross_entropy(out.float(), ys, reduction="sum") * weight / total
+        loss.backward()
+        correct = (out.argmax(dim=1) == ys).sum() * weight
+        stats += torch.stack([loss.detach(), correct.to(stats.dtype)])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        if p.grad is None:  # a parameter this share did not reach: it still joins the sum
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+    torch.distributed.all_reduce(stats)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return stats[0], stats[1] / total
+
+
+def _same_start(start: int, device: torch.device) -> None:
+    """Refuse ranks that resumed from different steps (a checkpoint replaced between reads)."""
+    both = torch.tensor([start, -start], device=device)  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if int(both[0]) != -int(both[1]):
+        raise RuntimeError(
+            f"ranks resumed from different steps ({-int(both[1])} to {int(both[0])}): "
+            "rerun the stage, the resume checkpoint is now settled"
+        )
+
+
 def _train_batches(
     dataset: Dataset, transform, sampler: loops.StepBatches, device: torch.device, workers: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -275,6 +345,11 @@ def finetune(
         num_classes: The data's class count, checked against the head's when given.
         log: Called as ``log(step, {"loss", "accuracy", "lr"})``; accuracy is the batch's.
 
+    In a torch.distributed process group of N ranks, every rank calls this with the same
+    arguments; rank r trains on items r, r + N, ... of each global batch of ``batch_size``
+    (which N must divide), and only rank 0 writes and deletes ``checkpoint``. Loss and accuracy
+    given to ``log`` are those of the global batch.
+
     Returns:
         The fine-tuned ``image_encoder_state(model)``.
 
@@ -292,6 +367,12 @@ def finetune(
     if checkpoint_every < 0 or num_workers < 0:
         raise ValueError(
             f"checkpoint_every and num_workers must be >= 0, got {checkpoint_every}, {num_workers}"
+        )
+    rank, world = _world()
+    if batch_size % world:
+        raise ValueError(
+            f"batch_size {batch_size} must be divisible by the {world} processes training "
+            "together (MERGELOOM_NPROC_PER_NODE)"
         )
     device = pick_device(device) if isinstance(device, str) else device
     n_classes = head.shape[1]
@@ -316,10 +397,13 @@ def finetune(
         head = head.detach().to(device)
         optimizer = _adamw(list(model.visual.parameters()), lr, weight_decay, device)
         start = loops._resume(checkpoint, fingerprint, model, optimizer)
+        if world > 1:
+            _same_start(start, device)
         sampler = loops.StepBatches(len(dataset), batch_size, steps, seed, start)
-        batches = _train_batches(dataset, transform, sampler, device, num_workers)
+        share = sampler if world == 1 else _RankShare(sampler, rank, world)
+        batches = _train_batches(dataset, transform, share, device, num_workers)
         shown = progress(batches, total=steps, initial=start, desc="finetune", unit="step")
-        for step, (x, y) in enumerate(shown, start=start):
+        for step, (x, y) in enumerate(shown if rank == 0 else batches, start=start):
             bad = y[(y < 0) | (y >= n_classes)]
             if len(bad):
                 raise ValueError(
@@ -329,19 +413,25 @@ def finetune(
             for group in optimizer.param_groups:
                 group["lr"] = lr * cosine_schedule(step, total=steps, warmup=warmup_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, out = _train_step(model, head, x, y, optimizer, grad_clip, accumulate)
+            if world > 1:
+                total = min(batch_size, len(dataset) - step % sampler.per_epoch * batch_size)
+                loss, accuracy = _shared_step(model, head, x, y, optimizer, grad_clip,
+                                              accumulate, total, real=rank < total)  # fmt: skip
+            else:
+                loss, out = _train_step(model, head, x, y, optimizer, grad_clip, accumulate)
             if log is not None:  # .item() syncs a GPU, so only when someone listens
-                accuracy = (out.argmax(dim=1) == y).float().mean().item()
+                if world == 1:
+                    accuracy = (out.argmax(dim=1) == y).float().mean()
                 lr_now = optimizer.param_groups[0]["lr"]
-                log(step, {"loss": loss.item(), "accuracy": accuracy, "lr": lr_now})
+                log(step, {"loss": loss.item(), "accuracy": accuracy.item(), "lr": lr_now})
             done = step + 1
             due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
-            if checkpoint is not None and due:  # no checkpoint after the last step
+            if checkpoint is not None and due and rank == 0:  # no checkpoint after the last step
                 loops._save_resume(checkpoint, fingerprint, done, model, optimizer)
     finally:
         model.eval()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
-    if checkpoint is not None:
+    if checkpoint is not None and rank == 0:
         checkpoint.unlink(missing_ok=True)
     return image_encoder_state(model)

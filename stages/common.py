@@ -274,6 +274,7 @@ RUNTIME_ENV = {
     "num_workers": "MERGELOOM_NUM_WORKERS",  # DataLoader workers for datasets read from disk
     "eval_batch_size": "MERGELOOM_EVAL_BATCH_SIZE",
     "datasets_root": "MERGELOOM_DATASETS",  # torchvision/ImageFolder datasets
+    "nproc_per_node": "MERGELOOM_NPROC_PER_NODE",  # processes fine-tuning one expert (torchrun)
 }
 
 
@@ -299,7 +300,9 @@ def runtime() -> dict:
                          "cuda or cuda:N")  # fmt: skip
     out = {"device": device, "datasets_root": Path(env["datasets_root"] or
                                                    repository_root() / "datasets")}  # fmt: skip
-    for key, default in (("num_workers", min(8, os.cpu_count() or 1)), ("eval_batch_size", 256)):
+    defaults = {"num_workers": min(8, os.cpu_count() or 1), "eval_batch_size": 256,
+                "nproc_per_node": 1}  # fmt: skip
+    for key, default in defaults.items():
         raw = env[key]
         try:
             value = default if raw is None else int(raw)

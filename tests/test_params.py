@@ -122,8 +122,15 @@ def test_runtime_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGELOOM_DEVICE", "cpu")
     monkeypatch.setenv("MERGELOOM_NUM_WORKERS", "3")
     monkeypatch.setenv("MERGELOOM_DATASETS", str(tmp_path))
+    monkeypatch.delenv("MERGELOOM_NPROC_PER_NODE", raising=False)
     assert common.runtime() == {"device": "cpu", "num_workers": 3, "eval_batch_size": 256,
-                                "datasets_root": tmp_path}  # fmt: skip
+                                "nproc_per_node": 1, "datasets_root": tmp_path}  # fmt: skip
+    monkeypatch.setenv("MERGELOOM_NPROC_PER_NODE", "2")
+    assert common.runtime()["nproc_per_node"] == 2
+    monkeypatch.setenv("MERGELOOM_NPROC_PER_NODE", "0")
+    with pytest.raises(ValueError, match="MERGELOOM_NPROC_PER_NODE = '0' is invalid"):
+        common.runtime()
+    monkeypatch.setenv("MERGELOOM_NPROC_PER_NODE", "1")
     monkeypatch.setenv("MERGELOOM_EVAL_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="MERGELOOM_EVAL_BATCH_SIZE = '0' is invalid"):
         common.runtime()

@@ -23,9 +23,11 @@ PIPELINE ?= .
 pipeline: $(BIN)/mergeloom
 	$(BIN)/python -m stages.pipeline $(PIPELINE)
 
-# Stage commands call `python`: the venv's, first on PATH.
+# Stage commands call `python`: the venv's, first on PATH. JOBS=N runs independent stages N at a
+# time on Dask (`mergeloom repro --jobs N`; README "More than one GPU or machine").
+JOBS ?=
 repro: pipeline
-	cd $(PIPELINE) && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc repro
+	cd $(PIPELINE) && PATH="$(CURDIR)/$(BIN):$$PATH" $(if $(JOBS),$(CURDIR)/$(BIN)/mergeloom repro --jobs $(JOBS),$(CURDIR)/$(BIN)/dvc repro)
 
 test: $(BIN)/mergeloom
 	$(BIN)/ruff check .

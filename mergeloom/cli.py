@@ -204,12 +204,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="pool only the merged candidates, not the raw task vectors",
     )
     woven.add_argument("--seed", type=int, default=0, help="seed of the random pool")
+    _repro_parser(commands)
     return parser
+
+
+def _repro_parser(commands: argparse._SubParsersAction) -> None:
+    repro = commands.add_parser(
+        "repro",
+        help="dvc repro with independent stages at the same time, on Dask workers",
+        description="Runs the stages of ./dvc.yaml (or TARGETS) as `dvc repro` would, each "
+        "through `dvc --wait-for-lock repro --single-item`, independent ones at the same time "
+        "(README: 'More than one GPU or machine').",
+    )
+    repro.add_argument("targets", nargs="*", help="stages or dvc.yaml files, as for dvc repro")
+    repro.add_argument(
+        "--jobs", "-j", type=int, default=1,
+        help="local workers (CPU), or batch jobs with --cluster; default 1",
+    )  # fmt: skip
+    where = repro.add_mutually_exclusive_group()
+    where.add_argument(
+        "--gpus",
+        help="one local worker per GPU, each stage pinned to its worker's GPU with "
+        "CUDA_VISIBLE_DEVICES: a comma list of ids (0,1,2,3) or 'all'",
+    )
+    where.add_argument(
+        "--cluster",
+        metavar="CONFIG.yaml",
+        help="a dask_jobqueue config (configs/cluster/slurm.yaml); --jobs batch jobs run the "
+        "workers, on a filesystem shared with this folder",
+    )
 
 
 def run(args: argparse.Namespace) -> str:
     if args.command == "methods":
         return "\n".join(_describe(name) for name in methods.METHODS)
+    if args.command == "repro":
+        return _repro(args)
     hyperparameters, options = _checked(args)
     with compute_on(options.pop("device")):
         return _merge(args, hyperparameters, options)
@@ -285,6 +315,64 @@ def _device(name: str) -> torch.device:
         return pick_device(name)
     except ValueError as err:  # its message starts "device 'name'..."
         raise ValueError(f"--{err}") from None
+
+
+def _gpu_ids(text: str) -> list[str]:
+    if text == "all":
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError("--gpus all: no CUDA device is visible; expected at least one")
+        return [str(i) for i in range(count)]
+    ids = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus {text!r}: expected distinct GPU ids such as 0,1,2,3 or 'all'")
+    return ids
+
+
+def _repro(args: argparse.Namespace) -> str:
+    """Starts the cluster, runs the pipeline on it, and turns a failed stage into exit 1 with
+    the stage named and the end of its log."""
+    import logging
+
+    from mergeloom import scheduler
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: expected a number of workers >= 1")
+    gpus = _gpu_ids(args.gpus) if args.gpus else []
+    if gpus and args.jobs not in (1, len(gpus)):
+        raise ValueError(f"--jobs {args.jobs} with --gpus {args.gpus}: one worker per GPU, "
+                         f"expected --jobs {len(gpus)} or no --jobs")  # fmt: skip
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    scheduler.log.addHandler(handler)
+    scheduler.log.setLevel(logging.INFO)
+    from distributed import Client
+
+    if args.cluster:
+        cluster, resources = scheduler.jobqueue_cluster(args.cluster)
+        cluster.scale(jobs=args.jobs)
+        pinned = {}
+    else:
+        cluster, pinned, resources = scheduler.local_cluster(args.jobs, gpus)
+    with cluster, Client(cluster) as client:
+        outcome = scheduler.reproduce(client, args.targets, gpus=pinned, resources=resources)
+    if outcome.ok:
+        return (f"{len(outcome.ran)} stages ran, {len(outcome.restored)} restored from the "
+                f"run-cache, {len(outcome.up_to_date)} up to date")  # fmt: skip
+    for failed in outcome.failed:
+        print(f"--- {failed.log} (last {scheduler.TAIL_LINES} lines)", file=sys.stderr)
+        print(scheduler.log_tail(failed.log), file=sys.stderr)
+    first = outcome.failed[0]
+    raise StageFailed(
+        f"stage {first.stage!r} failed (exit {first.returncode}, log {first.log})"
+        + "".join(f", and {f.stage!r}" for f in outcome.failed[1:])
+        + f"; not run, as they depend on it: {', '.join(outcome.not_run) or 'none'}; "
+        "dvc.lock records none of them"
+    )
+
+
+class StageFailed(WriteError):
+    """A pipeline stage failed (exit 1); the message names it, its log and what did not run."""
 
 
 def _one_line(text: str) -> str:

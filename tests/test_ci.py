@@ -66,3 +66,17 @@ def test_forks_get_a_summary_note_instead_of_a_comment_and_cml_is_pinned():
     assert FORK in note["if"] and "fork" in note["run"]
     (cml,) = [s for s in steps(flow) if s.get("uses", "").startswith("iterative/setup-cml@")]
     assert re.fullmatch(r"v?\d+\.\d+\.\d+", str(cml["with"]["version"]))
+
+
+def test_main_pushes_its_run_cache_and_pull_requests_pull_it_before_reproducing():
+    """A pull request reruns only what it changed: main's outputs and run-cache are on the
+    remote (share-cache.yaml), and the pull-request job pulls both before `make repro`."""
+    share = workflow("share-cache.yaml")
+    assert triggers(share) == {"push": {"branches": ["main"]}}
+    repro, _ = step_running(share, "make repro")
+    push, push_step = step_running(share, "dvc push --run-cache")
+    assert repro < push and "configured == 'yes'" in push_step["if"]
+    flow = workflow("pr-metrics.yaml")
+    pull, _ = step_running(flow, "dvc pull --run-cache")
+    repro, _ = step_running(flow, "make repro")
+    assert pull < repro

@@ -2,7 +2,8 @@
 engine's overhead per stage.
 
     flock /tmp/bench.lock .venv/bin/python bench/parallel_bench.py [--rounds 3] [--jobs 2] \
-        [--small] [--skip-overhead] [--out bench/results/parallel_bench.json]
+        [--small] [--skip-overhead] [--skip-pipeline] [--overhead-rounds 3] [--note TEXT] \
+        [--out bench/results/parallel_bench.json]
 
 Pipeline: every round makes two fresh clones of this repository's HEAD (empty .dvc/cache, so no
 run-cache either: a cold start) and runs the embedded default (``--small``: the reduced test
@@ -95,7 +96,7 @@ def empty_stages(work: Path, name: str, count: int) -> Path:
     return repo
 
 
-def overhead(work: Path) -> dict:
+def overhead(work: Path, rounds: int = ROUNDS_OVERHEAD) -> dict:
     """Seconds per empty stage by each route, and the engine's fixed cost (one stage)."""
     ways = {
         "engine_jobs1": lambda repo, n: sh(repo, *ENGINE, "--jobs", "1"),
@@ -105,7 +106,7 @@ def overhead(work: Path) -> dict:
         "dvc_repro_all": lambda repo, n: sh(repo, *DVC, "repro"),
     }
     times: dict[str, list[float]] = {f"{way}/{n}": [] for way in ways for n in (1, STAGES)}
-    for round_index in range(ROUNDS_OVERHEAD):
+    for round_index in range(rounds):
         names = list(ways) if round_index % 2 == 0 else list(reversed(ways))
         for way in names:
             for n in (1, STAGES):
@@ -120,7 +121,7 @@ def overhead(work: Path) -> dict:
     }
     return {
         "stages": STAGES,
-        "rounds": ROUNDS_OVERHEAD,
+        "rounds": rounds,
         "median_s": {key: round(value, 2) for key, value in median.items()},
         "per_stage_s": per_stage,
         "marginal_per_stage_s": marginal,
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="the reduced test params")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--overhead-rounds", type=int, default=ROUNDS_OVERHEAD)
+    parser.add_argument("--note", default="", help="recorded as is, e.g. what else ran")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/parallel_bench.json")
     args = parser.parse_args()
@@ -148,11 +151,13 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "params": "tests/fixtures/params_small.yaml" if args.small else "params.yaml",
         "jobs": args.jobs,
+        "note": args.note,
+        "load_average_at_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory(prefix="parallel_bench_") as tmp:
         work = Path(tmp)
         if not args.skip_overhead:
-            result["overhead"] = overhead(work)
+            result["overhead"] = overhead(work, args.overhead_rounds)
             print(json.dumps(result["overhead"], indent=1), flush=True)
         if not args.skip_pipeline:
             rounds = pipeline_rounds(args.rounds, args.jobs, args.small, work)

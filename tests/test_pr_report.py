@@ -160,11 +160,15 @@ def test_workflow_runs_the_readme_commands_and_comments_with_cml():
     assert checkout["with"]["fetch-depth"] == 0
     python = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python@"))
     assert str(python["with"]["python-version"]) == "3.11"
-    commands = [line.strip() for s in steps for line in s.get("run", "").splitlines()]
+    report_steps = [s for s in steps if "GITHUB_STEP_SUMMARY" not in s.get("run", "")]  # forks
+    commands = [line.strip() for s in report_steps for line in s.get("run", "").splitlines()]
     commands = [c for c in commands if c and not c.startswith("#")]
-    allowed = [  # in this order: venv, pull only when a remote exists, repro, report, comment
-        "make pipeline",
-        'if [ -n "$(.venv/bin/dvc remote list)" ]; then .venv/bin/dvc pull --allow-missing; fi',
+    allowed = [  # in this order: venv, dvc.yaml check, pull when a remote exists, repro, report
+        "make .venv/bin/mergeloom",
+        ".venv/bin/python -m stages.pipeline --check",
+        'if [ -n "$(.venv/bin/dvc remote list)" ]; then',
+        ".venv/bin/dvc pull --run-cache --allow-missing",
+        "fi",
         "make repro",
         "make pr-report BASE=origin/${{ github.base_ref }}",
         "cml comment update --target=pr ",

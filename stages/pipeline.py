@@ -138,8 +138,9 @@ def render(folder: Path = Path(".")) -> str:
             if not trained and (folder / params["model"]["pretrained"]).is_file() else []),
         "params": ["model", *(["pretrain"] if trained else [])],
         "outs": [PRE, VISUAL, "logs/pretrain/metrics.json"],
-        "plots": [training_curves("logs/pretrain", "pretraining")],
     }  # fmt: skip
+    if trained:  # exporting published weights logs no curve
+        stages["pretrain"]["plots"] = [training_curves("logs/pretrain", "pretraining")]
     stages["heads"] = {
         "cmd": f"python -m stages.heads --pretrained {PRE} --data-dir data --out models/heads",
         "deps": code("stages.heads") + [PRE, *data_deps],

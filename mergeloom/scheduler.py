@@ -175,6 +175,35 @@ def keep_serial_lock_order(repo: Any, order: Sequence[str], before: Mapping[str,
                         stages[name] = stages.pop(name)  # to the end, in plan order
 
 
+def ignore_entries(stages: Mapping[str, Any]) -> dict[str, dict[str, list[str]]]:
+    """{stage: {.gitignore path: the entries DVC adds there for the stage's outputs}}."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for name, stage in stages.items():
+        for out in stage.outs:
+            path = Path(out.fs_path)
+            found.setdefault(name, {}).setdefault(str(path.parent / ".gitignore"), []).append(
+                "/" + path.name
+            )
+    return found
+
+
+def keep_serial_ignore_order(files: Sequence[str], rank: Mapping[str, int], before: Mapping):
+    """Put the .gitignore lines this run added in the serial order. DVC appends a line when a
+    stage's output is committed, so finishing order shows in the file, and a stage that reads
+    the folder (a directory dependency) would hash a different .gitignore than after `dvc repro`.
+    Called before a stage's dependants start; lines there before the run stay first."""
+    for file in files:
+        path = Path(file)
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        old = [line for line in lines if line in before.get(file, set())]
+        new = [line for line in lines if line not in before.get(file, set())]
+        ordered = old + sorted(new, key=lambda line: rank.get(f"{file}\n{line}", len(rank)))
+        if ordered != lines:
+            path.write_text("".join(line + "\n" for line in ordered))
+
+
 def lock_entries(repo: Any, order: Sequence[str]) -> dict[str, set[str]]:
     """{dvc.lock path: the stage names it records}, for the lock files of the plan's stages."""
     out = {}
@@ -291,6 +320,18 @@ class _Run:
         self.ready = deque(name for name in self.order if not self.waiting[name])
         self.running: dict[Any, str] = {}
         self.outcome = Outcome()
+        self.ignores = ignore_entries(stages)
+        entries = [
+            f"{file}\n{line}"
+            for name in self.order
+            for file, lines in self.ignores.get(name, {}).items()
+            for line in lines
+        ]
+        self.ignore_rank = {entry: index for index, entry in enumerate(dict.fromkeys(entries))}
+        self.ignore_before = {
+            file: set(Path(file).read_text().splitlines()) if Path(file).exists() else set()
+            for lines in self.ignores.values() for file in lines
+        }  # fmt: skip
 
     def start(self, name: str) -> Any:
         """Skips, restores or submits a stage whose upstream stages are done; its future if
@@ -332,6 +373,10 @@ class _Run:
         self.release(name)
 
     def release(self, name: str) -> None:
+        files = list(self.ignores.get(name, {}))
+        if files:
+            with self.repo.lock:  # DVC writes .gitignore files under this lock
+                keep_serial_ignore_order(files, self.ignore_rank, self.ignore_before)
         for dependant in self.down[name]:
             self.waiting[dependant] -= 1
             if not self.waiting[dependant]:

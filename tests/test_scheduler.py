@@ -86,6 +86,27 @@ def test_independent_stages_run_at_once_each_on_its_own_gpu(client, in_repo):
     assert "Data and pipelines are up to date" in dvc(in_repo, "status")
 
 
+def test_a_folder_written_by_stages_side_by_side_hashes_as_after_a_serial_run(client, in_repo):
+    # DVC lists each output in its folder's .gitignore when the stage ends; `join` reads the
+    # folder, .gitignore included: the slow first stage ends last when they run side by side
+    stages = {
+        "slow": {"cmd": "sleep 2 && echo 1 > out/slow.txt", "deps": ["seed.txt"],
+                 "outs": ["out/slow.txt"]},
+        "quick": {"cmd": "echo 2 > out/quick.txt", "deps": ["seed.txt"],
+                  "outs": ["out/quick.txt"]},
+        "join": {"cmd": "ls out > joined.txt", "deps": ["out"], "outs": ["joined.txt"]},
+    }  # fmt: skip
+    serial = make_repo(in_repo.parent / "serial", stages)
+    (serial / "out").mkdir()
+    dvc(serial, "repro")
+    (in_repo / "dvc.yaml").write_text((serial / "dvc.yaml").read_text())
+    (in_repo / "out").mkdir()
+    outcome = scheduler.reproduce(client, gpus=client.pinned, resources={"GPU": 1})
+    assert [r.stage for r in outcome.ran] == ["quick", "slow", "join"]
+    assert (in_repo / "out/.gitignore").read_text() == (serial / "out/.gitignore").read_text()
+    assert (in_repo / "dvc.lock").read_bytes() == (serial / "dvc.lock").read_bytes()
+
+
 def test_a_second_run_sends_no_stage_to_a_worker(client, in_repo):
     scheduler.reproduce(client, gpus=client.pinned, resources={"GPU": 1})
     lock = (in_repo / "dvc.lock").read_bytes()

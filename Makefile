@@ -37,7 +37,7 @@ test: $(BIN)/mergeloom
 # The pull-request report (metric, param and plot diffs vs BASE), as the PR workflow posts it.
 BASE ?= main
 pr-report: $(BIN)/mergeloom
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/pr_report.py --base $(BASE)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m scripts.pr_report --base $(BASE)
 
 # The plots as one page that draws with no network (dvc_plots/index.html; README "Viewing the
 # plots"): `make plots` for the workspace, `make plots-diff BASE=main` against a revision.

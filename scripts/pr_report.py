@@ -1,14 +1,15 @@
 """Write reports/pr.md: the workspace's metrics, params and plots against a base revision.
 
-    python scripts/pr_report.py --base main [--out reports/pr.md]     # or: make pr-report BASE=main
+    python -m scripts.pr_report --base main [--out reports/pr.md]     # or: make pr-report BASE=main
 
 The tables are `dvc metrics diff <base> --md` and `dvc params diff <base> --md` verbatim (the
 CLI's markdown is the documented, stable rendering; `dvc.repo.Repo` returns dicts only). Plots
 come from `dvc plots diff <base> --json`: a plot is listed when its data differ between the two
 revisions, and `dvc plots diff <base> -o reports/pr_plots` renders them as HTML next to the
-report. A base that is not a revision, or has no metrics, gives a report that says "no
-baseline" and a one-line message on stderr (exit 1 when the revision is unknown or dvc fails,
-0 when the base has no metrics: a first pull request that adds them).
+report, through the offline page template of scripts/plots_html.py (no CDN). A base that is
+not a revision, or has no metrics, gives a report that says "no baseline" and a one-line message
+on stderr (exit 1 when the revision is unknown or dvc fails, 0 when the base has no metrics: a
+first pull request that adds them).
 The report is written to a temporary file and renamed.
 """
 
@@ -21,6 +22,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from scripts import plots_html
 
 MAX_TABLE_ROWS = 150  # a GitHub comment holds 65,536 characters; the report counts cut rows
 PLOTS_DIR = "pr_plots"  # next to the report
@@ -178,8 +181,9 @@ def collect(base: str, out_dir: Path) -> tuple[dict, str | None, int]:
         kwargs["plots"] = plot_changes(json.loads(plots.stdout), base, out_dir)
     except (json.JSONDecodeError, KeyError, OSError) as error:
         kwargs["plots_error"] = last_line(plots.stderr) or repr(error)
-    if kwargs.get("plots"):
-        html = dvc("plots", "diff", base, "-o", str(plots_dir))
+    if kwargs.get("plots"):  # the offline page of `make plots-diff`: no CDN needed to view it
+        template = plots_html.write_template(Path(".dvc") / "tmp")
+        html = dvc("plots", "diff", base, "-o", str(plots_dir), "--html-template", str(template))
         kwargs["plots_html"] = plots_link() if html.returncode == 0 else last_line(html.stderr)
     return kwargs, None, 0
 

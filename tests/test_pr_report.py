@@ -12,7 +12,6 @@ import yaml
 from scripts.pr_report import PlotChange, build_markdown, cap_table
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "pr_report.py"
 WORKFLOW = ROOT / ".github" / "workflows" / "pr-metrics.yaml"
 DVC_YAML = """\
 stages:
@@ -35,7 +34,8 @@ plots:
 def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
     for key in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY", "GITHUB_RUN_ID"):
         env.pop(key, None)  # the local link, also when the suite runs in GitHub Actions
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
@@ -72,7 +72,7 @@ def repo(tmp_path_factory) -> Path:
 
 
 def report(repo: Path, base: str) -> tuple[subprocess.CompletedProcess, str]:
-    result = run(repo, sys.executable, str(SCRIPT), "--base", base, check=False)
+    result = run(repo, sys.executable, "-m", "scripts.pr_report", "--base", base, check=False)
     return result, (repo / "reports" / "pr.md").read_text()
 
 
@@ -98,7 +98,8 @@ def test_report_shows_changed_metrics_params_and_plots(repo):
                       "workspace ![workspace](pr_plots/workspace_figure.png)"]  # fmt: skip
     assert (repo / "reports" / "pr_plots" / "base_figure.png").read_bytes() == b"\x89PNG base"
     assert "[pr_plots/index.html](pr_plots/index.html)" in markdown
-    assert (repo / "reports" / "pr_plots" / "index.html").is_file()
+    page = (repo / "reports" / "pr_plots" / "index.html").read_text()
+    assert "vegaEmbed" in page and "cdn.jsdelivr" not in page  # the offline template
     assert sorted(p.name for p in (repo / "reports").iterdir()) == ["pr.md", "pr_plots"]
 
 

@@ -94,8 +94,9 @@ def headline(details: dict, pools: list[str]) -> dict:
     out = {}
     for unit, table in details.items():
         rows = table["rows"]
-        out[unit] = {"zero_shot": {k: round(rows["zero-shot"][k], 4)
-                                   for k in ("absolute", "normalized")},
+        zero_shot = rows["zero-shot"]  # normalised is None where no set has its own expert
+        out[unit] = {"zero_shot": {k: round(zero_shot[k], 4) for k in ("absolute", "normalized")
+                                   if zero_shot[k] is not None},
                      "individual_experts": {"absolute": round(
                          rows["individual experts"]["absolute"], 4)}}  # fmt: skip
         for method in table["lambda_dispersion"]:  # every method, in params order

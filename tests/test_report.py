@@ -183,6 +183,8 @@ def test_headline_of_the_embedded_default_fits_dvc_exp_show():
     assert values["multitask"]["zero_shot"] == {"absolute": 0.5, "normalized": 0.6}
     assert values["multitask"]["individual_experts"] == {"absolute": 0.5}
     assert "weave_random" in headline(details, ["random"])["domains"]["ties"]
+    details["domains"]["rows"]["zero-shot"]["normalized"] = None  # no set with its own expert
+    assert headline(details, ["mean"])["domains"]["zero_shot"] == {"absolute": 0.5}
 
 
 def test_only_the_headline_is_a_dvc_metric_and_the_details_keep_the_run_cache():

@@ -5,11 +5,13 @@ check that a loader returns exactly the pixels that were written.
 """
 
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import torchvision.datasets as tvd
+import yaml
 from PIL import Image
 
 COLOURS = np.array(
@@ -122,3 +124,15 @@ def write_image_folder(
         pixels = images(per_class, np.full(per_class, c), size, seed + 7 * c)
         for i, array in enumerate(pixels):
             Image.fromarray(array).save(folder / name / f"{i:04d}.{ext}")
+
+
+def small_stage_folder(folder: Path, pretrain_steps: int = 10) -> Path:
+    """A folder where the stage scripts run as the pipeline runs them: the tiny model config and
+    tests/fixtures/params_small.yaml with a short pretraining."""
+    root = Path(__file__).resolve().parents[1]
+    (folder / "configs").mkdir()
+    shutil.copy(root / "configs" / "tiny-vit.json", folder / "configs")
+    params = yaml.safe_load((root / "tests" / "fixtures" / "params_small.yaml").read_text())
+    params["pretrain"]["steps"] = pretrain_steps
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return folder

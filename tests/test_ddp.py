@@ -11,7 +11,6 @@ differs by up to 1.7e-4 (it does between any two summation orders, one process o
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from fake_data import write_image_folder
+from fake_data import small_stage_folder, write_image_folder
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
@@ -155,12 +153,7 @@ def _stage(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def stage_folder(tmp_path_factory) -> Path:
     """data, pretrain and heads of the small config, run as the pipeline runs them."""
-    folder = tmp_path_factory.mktemp("ddp")
-    (folder / "configs").mkdir()
-    shutil.copy(CONFIG, folder / "configs")
-    params = yaml.safe_load((ROOT / "tests" / "fixtures" / "params_small.yaml").read_text())
-    params["pretrain"]["steps"] = 10
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    folder = small_stage_folder(tmp_path_factory.mktemp("ddp"))
     for args in (["stages.data", "--out", "data"],
                  ["stages.pretrain", "--out", "models/pretrained.safetensors", "--visual-out",
                   "models/visual.safetensors", "--logs", "logs/pretrain", "--data",

@@ -5,13 +5,12 @@ import io
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from fake_data import small_stage_folder
 
 from mergeloom import progress as progress_module
 from mergeloom.clip import load_clip
@@ -121,12 +120,7 @@ def _stage(folder: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def stages_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """stderr of data, pretrain, heads (-v) and one fine-tuning, run as the pipeline runs them."""
-    folder = tmp_path_factory.mktemp("logs")
-    (folder / "configs").mkdir()
-    shutil.copy(CONFIG, folder / "configs")
-    params = yaml.safe_load((ROOT / "tests" / "fixtures" / "params_small.yaml").read_text())
-    params["pretrain"]["steps"] = 10
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    folder = small_stage_folder(tmp_path_factory.mktemp("logs"))
     models = "models/pretrained.safetensors"
     stderr = {
         "data": _stage(folder, "stages.data", "--out", "data"),

@@ -67,17 +67,23 @@ def copy_code(repo: Path) -> None:
             shutil.copy(source, target)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, str]:
-    """A temporary git repo where the small pipeline was reproduced once, and dvc's output."""
-    repo = tmp_path_factory.mktemp("pipeline")
+def small_repo(repo: Path) -> Path:
+    """A git repo with DVC, the code, the small params and their dvc.yaml, committed (dvclive
+    and `dvc exp` need a commit)."""
     copy_code(repo)
     shutil.copy(SMALL, repo / "params.yaml")
     run(repo, "git", "init", "-q")
     dvc(repo, "init", "-q")
     run(repo, sys.executable, "-m", "stages.pipeline")
     run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "code and params")  # dvclive and `dvc exp` need a commit
+    run(repo, "git", "commit", "-qm", "code and params")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """A temporary git repo where the small pipeline was reproduced once, and dvc's output."""
+    repo = small_repo(tmp_path_factory.mktemp("pipeline"))
     first = dvc(repo, "repro")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "small pipeline")

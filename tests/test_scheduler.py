@@ -6,7 +6,6 @@ pipeline (tests/fixtures/params_small.yaml) for "the same bytes as a serial dvc 
 import hashlib
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from dask.utils import parse_bytes
 from distributed import Client
-from test_pipeline import ENV, ROOT, SMALL, copy_code, dvc, run
+from test_pipeline import ENV, ROOT, dvc, run, small_repo
 
 from mergeloom import scheduler
 from mergeloom.cli import main
@@ -215,14 +214,7 @@ def tree_digests(repo: Path, folders: tuple[str, ...]) -> dict[str, str]:
 def test_two_workers_give_the_bytes_of_a_serial_dvc_repro(tmp_path):
     repos = {}
     for name in ("serial", "parallel"):
-        repo = repos[name] = tmp_path / name
-        copy_code(repo)
-        shutil.copy(SMALL, repo / "params.yaml")
-        run(repo, "git", "init", "-q")
-        dvc(repo, "init", "-q")
-        run(repo, sys.executable, "-m", "stages.pipeline")
-        run(repo, "git", "add", "-A")
-        run(repo, "git", "commit", "-qm", "code and params")
+        repos[name] = small_repo(tmp_path / name)
     dvc(repos["serial"], "repro")
     code, output = repro_cli(repos["parallel"], "--jobs", "2")
     assert code == 0 and "0 restored from the run-cache, 0 up to date" in output, output

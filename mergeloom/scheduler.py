@@ -228,7 +228,8 @@ def _lock_files(repo: Any, order: Sequence[str]) -> dict[str, list[str]]:
 
 
 def run_stage(stage: str, cwd: str, log_path: str, gpus: Mapping[str, str]) -> StageRun:
-    """``dvc --wait-for-lock repro --single-item stage`` in ``cwd``, output to ``log_path``.
+    """``dvc --wait-for-lock repro --single-item stage`` in ``cwd``, output to ``log_path``,
+    with OpenMP's idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``).
 
     ``gpus`` maps a worker name to the CUDA_VISIBLE_DEVICES of its stages (one GPU per local
     worker); a worker not in it (CPU, or a cluster job that SLURM already pinned) leaves it alone.
@@ -238,6 +239,10 @@ def run_stage(stage: str, cwd: str, log_path: str, gpus: Mapping[str, str]) -> S
     worker = str(get_worker().name)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # stages side by side oversubscribe the cores (each torch uses all of them); OpenMP's
+    # default busy-waiting then burns the CPU the other stage needs. Idle threads sleep
+    # instead: no change to the thread count, so none to the results (unless set already)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     gpu = gpus.get(worker)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu

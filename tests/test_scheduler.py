@@ -22,10 +22,10 @@ from mergeloom.cli import main
 # a and b are independent (one second each), both joins them; seed.txt gives a and b a
 # dependency, without which DVC never run-caches a stage
 STAGES = {
-    "a": {"cmd": 'sleep 1 && echo "gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_WAIT_POLICY" > a.txt', "deps": ["seed.txt"],
-          "outs": ["a.txt"]},
-    "b": {"cmd": 'sleep 1 && echo "gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_WAIT_POLICY" > b.txt', "deps": ["seed.txt"],
-          "outs": ["b.txt"]},
+    "a": {"cmd": 'sleep 1 && echo "gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_WAIT_POLICY" > a.txt',
+          "deps": ["seed.txt"], "outs": ["a.txt"]},
+    "b": {"cmd": 'sleep 1 && echo "gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_WAIT_POLICY" > b.txt',
+          "deps": ["seed.txt"], "outs": ["b.txt"]},
     "both": {"cmd": "cat a.txt b.txt > both.txt", "deps": ["a.txt", "b.txt"],
              "outs": ["both.txt"]},
 }  # fmt: skip

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "tiny-vit.json"
-RTOL = 2e-5  # of each tensor's largest |value|; measured at most 4.1e-6
+RTOL = 1e-4  # of each tensor's max |value|; measured up to 4.1e-6, 4.8e-5 on an AVX512 CPU
 
 # One fine-tuning in this process or, under torchrun, as one rank of a gloo process group.
 SCRIPT = textwrap.dedent(f"""
